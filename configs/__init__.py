@@ -1,0 +1,1 @@
+"""Experiment configs (ml_collections). Each module defines `get_config()`."""

@@ -1,0 +1,99 @@
+"""VGG16-SSD300 on PASCAL VOC07+12: the reference's vgg_ssd300_voc0712 recipe.
+
+Every value of the reference's effective config, lower-cased and grouped as
+the reference groups them, plus what JAX needs (max_boxes, dtype, seed).
+Sequences that users override from the command line are tuples, e.g.
+`--config.data.train="('voc_2007_trainval',)"`.
+"""
+
+import ml_collections
+
+VOC_CLASSES = (
+    '__background__', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus',
+    'car', 'cat', 'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike',
+    'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+
+VGG16_REDUCEDFC_URL = (
+    'https://s3.amazonaws.com/amdegroot-models/vgg16_reducedfc.pth')
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  config.model = model = ml_collections.ConfigDict()
+  model.meta_architecture = 'SSDDetector'
+  model.num_classes = 21
+  model.threshold = 0.5
+  model.neg_pos_ratio = 3
+  model.center_variance = 0.1
+  model.size_variance = 0.2
+  # 'float32' (exact parity) or 'bfloat16' (activations; params stay float32).
+  model.dtype = 'float32'
+
+  model.backbone = backbone = ml_collections.ConfigDict()
+  backbone.name = 'vgg'
+  backbone.out_channels = (512, 1024, 512, 256, 256, 256)
+  # Path or URL of the VGG16 reduced-fc weights; '' = random initialisation.
+  backbone.pretrained = VGG16_REDUCEDFC_URL
+  # VGG16 conv widths are divided by this (1 = the real VGG16).
+  backbone.width_divisor = 1
+  # BatchNorm after every VGG conv: only for reduced demo models (the
+  # reference VGG has none).
+  backbone.batch_norm = False
+  # Extra feature layers after conv7: one (mid_channels, out_channels, kernel,
+  # stride, padding) per level; each is a 1x1 conv to mid_channels then a
+  # kernel x kernel conv, both followed by ReLU.
+  backbone.extras = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1),
+                     (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
+
+  model.priors = priors = ml_collections.ConfigDict()
+  priors.feature_maps = (38, 19, 10, 5, 3, 1)
+  priors.strides = (8, 16, 32, 64, 100, 300)
+  priors.min_sizes = (30, 60, 111, 162, 213, 264)
+  priors.max_sizes = (60, 111, 162, 213, 264, 315)
+  priors.aspect_ratios = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+  priors.boxes_per_location = (4, 6, 6, 6, 4, 4)
+  priors.clip = True
+
+  config.input = inp = ml_collections.ConfigDict()
+  inp.image_size = 300
+  inp.pixel_mean = (123, 117, 104)  # RGB
+
+  config.data = data = ml_collections.ConfigDict()
+  data.train = ('voc_2007_trainval', 'voc_2012_trainval')
+  data.test = ('voc_2007_test',)
+  # A VOCdevkit-style folder holding VOC2007/ and VOC2012/; '' = read TFDS.
+  data.voc_root = ''
+  data.tfds_data_dir = ''  # '' = the TFDS default (~/tensorflow_datasets).
+  data.class_names = VOC_CLASSES  # index = label, 0 = background
+  data.max_boxes = 64  # ground truth padded to this many boxes per image
+  data.shuffle_buffer = 4096
+  data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
+  data.prefetch = 2  # batches prefetched to the device
+
+  config.solver = solver = ml_collections.ConfigDict()
+  solver.optimizer = 'sgd'
+  solver.max_iter = 120000
+  solver.lr_steps = (80000, 100000)
+  solver.gamma = 0.1
+  solver.batch_size = 32
+  solver.lr = 1e-3
+  solver.momentum = 0.9
+  solver.weight_decay = 5e-4
+  solver.warmup_factor = 1.0 / 3
+  solver.warmup_iters = 500
+
+  config.test = test = ml_collections.ConfigDict()
+  test.nms_threshold = 0.45
+  test.confidence_threshold = 0.01
+  test.max_per_class = -1  # not used, as in the reference
+  test.max_per_image = 100
+  test.batch_size = 10
+
+  config.seed = 0
+  config.output_dir = 'outputs/vgg_ssd300_voc0712'
+  config.log_step = 10
+  config.save_step = 2500
+  config.eval_step = 2500
+  config.keep_checkpoints = 3
+  return config

@@ -1,0 +1,1 @@
+# Makes the repository root importable (configs/, ssd_jax/) in pytest runs.

@@ -1,0 +1,1 @@
+"""ssd_jax: SSD object detection in JAX/Flax, faithful to lufficc/SSD."""

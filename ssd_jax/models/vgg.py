@@ -1,0 +1,150 @@
+"""VGG16 (reduced fc) backbone with L2Norm and the SSD extra layers.
+
+All modules take and return NHWC activations. Convolution kernels are HWIO.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# VGG16 convolutions up to conv5_3: widths, 'M' = 2x2/2 max-pool (floor),
+# 'C' = 2x2/2 max-pool with ceil mode (pool3, so that 75 -> 38 for SSD300).
+VGG16_LAYERS = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'C',
+                512, 512, 512, 'M', 512, 512, 512)
+CONV4_3_INDEX = 9  # conv4_3 is the 10th convolution
+FC_WIDTH = 1024  # conv6 / conv7 (fc6 / fc7 reduced)
+
+
+def torch_default_conv_init(fan_in):
+  """PyTorch's default Conv2d init: U(+-1/sqrt(fan_in)) for kernel and bias."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def max_pool(x, window, stride, padding=0, ceil_mode=False):
+  """PyTorch-style max pooling on NHWC input (pads with -inf).
+
+  With `ceil_mode` the output size is ceil((n + 2p - window) / stride) + 1,
+  which the extra right/bottom padding provides.
+  """
+  pads = []
+  for n in x.shape[1:3]:
+    extra = 0
+    if ceil_mode:
+      out = -(-(n + 2 * padding - window) // stride) + 1
+      extra = max((out - 1) * stride + window - (n + 2 * padding), 0)
+    pads.append((padding, padding + extra))
+  return jax.lax.reduce_window(
+      x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
+      (1, window, window, 1), (1, stride, stride, 1),
+      ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+class L2Norm(nnx.Module):
+  """Channel-wise L2 normalisation with a learnable per-channel scale.
+
+  out = weight[c] * x / (sqrt(sum_c x^2) + 1e-10), computed in float32.
+  """
+
+  def __init__(self, channels, scale=20.0):
+    self.weight = nnx.Param(jnp.full((channels,), scale, jnp.float32))
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True)) + 1e-10
+    return (self.weight[...] * x32 / norm).astype(x.dtype)
+
+
+class VGGBackbone(nnx.Module):
+  """VGG16 convs, pool5 (3x3/1/1), conv6 (dilation 6), conv7; L2Norm(conv4_3).
+
+  `vgg[i]` is the i-th convolution: 13 VGG16 convs, then conv6 and conv7.
+  """
+
+  def __init__(self, *, width_divisor=1, batch_norm=False,
+               dtype=jnp.float32, rngs):
+    self.dtype = dtype
+    self.pools = tuple(v for v in VGG16_LAYERS if isinstance(v, str))
+    widths = [v // width_divisor for v in VGG16_LAYERS if not isinstance(v, str)]
+    fc_width = FC_WIDTH // width_divisor
+    specs = []  # (in, out, kernel, padding, dilation)
+    in_ch = 3
+    for w in widths:
+      specs.append((in_ch, w, 3, 1, 1))
+      in_ch = w
+    specs.append((in_ch, fc_width, 3, 6, 6))  # conv6
+    specs.append((fc_width, fc_width, 1, 0, 1))  # conv7
+    self.vgg = nnx.List([
+        nnx.Conv(i, o, (k, k), padding=((p, p), (p, p)),
+                 kernel_dilation=(d, d), dtype=dtype,
+                 kernel_init=torch_default_conv_init(i * k * k),
+                 bias_init=torch_default_conv_init(i * k * k), rngs=rngs)
+        for i, o, k, p, d in specs])
+    self.norms = nnx.List([
+        nnx.BatchNorm(o, momentum=0.9, dtype=dtype, rngs=rngs)
+        for _, o, _, _, _ in specs]) if batch_norm else None
+    self.l2_norm = L2Norm(widths[CONV4_3_INDEX])
+    self.out_channels = (widths[CONV4_3_INDEX], fc_width)
+
+  def _conv(self, i, x):
+    x = self.vgg[i](x)
+    if self.norms is not None:
+      x = self.norms[i](x)
+    return jax.nn.relu(x)
+
+  def __call__(self, x):
+    """[B, S, S, 3] -> (L2Norm(conv4_3) [B, s4, s4, C4], conv7 [B, s7, s7, C7])."""
+    x = x.astype(self.dtype)
+    conv_index, pool_index = 0, 0
+    conv4_3 = None
+    for layer in VGG16_LAYERS:
+      if isinstance(layer, str):
+        x = max_pool(x, 2, 2, ceil_mode=(layer == 'C'))
+        pool_index += 1
+      else:
+        x = self._conv(conv_index, x)
+        if conv_index == CONV4_3_INDEX:
+          conv4_3 = x
+        conv_index += 1
+    x = max_pool(x, 3, 1, padding=1)  # pool5
+    x = self._conv(conv_index, x)  # conv6
+    x = self._conv(conv_index + 1, x)  # conv7
+    return self.l2_norm(conv4_3), x
+
+
+class Extras(nnx.Module):
+  """Extra feature layers: per level a 1x1 conv then a k x k conv, ReLU after each.
+
+  `extras[2l]` is the 1x1 conv and `extras[2l+1]` the k x k conv of level l,
+  the reference's `backbone.extras` numbering.
+  """
+
+  def __init__(self, in_channels, specs, *, dtype=jnp.float32, rngs):
+    convs = []
+    for mid, out, kernel, stride, padding in specs:
+      convs.append(nnx.Conv(
+          in_channels, mid, (1, 1), dtype=dtype,
+          kernel_init=nnx.initializers.xavier_uniform(),
+          bias_init=nnx.initializers.zeros_init(), rngs=rngs))
+      convs.append(nnx.Conv(
+          mid, out, (kernel, kernel), strides=(stride, stride),
+          padding=((padding, padding), (padding, padding)), dtype=dtype,
+          kernel_init=nnx.initializers.xavier_uniform(),
+          bias_init=nnx.initializers.zeros_init(), rngs=rngs))
+      in_channels = out
+    self.extras = nnx.List(convs)
+
+  def __call__(self, x):
+    """conv7 output -> list of the feature maps after each odd conv."""
+    features = []
+    for i, conv in enumerate(self.extras):
+      x = jax.nn.relu(conv(x))
+      if i % 2 == 1:
+        features.append(x)
+    return features
