@@ -81,7 +81,7 @@ def _assign(entries, state_dict, source):
   converted = {}
   for key, (param, kind) in entries.items():
     value = np.asarray(state_dict[key], dtype=np.float32)
-    want = param.value.shape
+    want = tuple(param.shape)
     if kind == 'conv':
       want = (want[3], want[2], want[0], want[1])  # HWIO -> OIHW
     if value.shape != want:
@@ -89,7 +89,7 @@ def _assign(entries, state_dict, source):
                        f'of this config expects {want}')
     converted[key] = value.transpose(2, 3, 1, 0) if kind == 'conv' else value
   for key, (param, _) in entries.items():
-    param.value = jnp.asarray(converted[key], param.value.dtype)
+    param.set_value(jnp.asarray(converted[key], jnp.float32))
 
 
 def _to_numpy_state_dict(obj, source):
@@ -143,11 +143,14 @@ def load_vgg_state_dict(model, state_dict, source='state dict'):
   return model
 
 
-def load_torch_checkpoint(path, config, rngs=None):
+def load_torch_checkpoint(path, config):
   """A model of `config` holding the weights of a reference .pth checkpoint."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
   from ssd_jax import models  # pylint: disable=g-import-not-at-top
   obj = read_torch_file(path)
-  model = models.create_model(config, rngs)
+  # Every parameter comes from the file, so the model is built abstractly
+  # (no random initialisation) and then filled in.
+  model = nnx.eval_shape(lambda: models.create_model(config))
   return load_detector_state_dict(model, detector_state_dict(obj, path), path)
 
 
@@ -176,7 +179,7 @@ def main(argv):
   workdir = flags.FLAGS.workdir
   checkpointing.save_config(workdir, config)
   checkpointer = checkpointing.Checkpointer(workdir)
-  checkpointer.save(step, nnx.state(model).to_pure_dict(),
+  checkpointer.save(step, nnx.to_pure_dict(nnx.state(model)),
                     meta={'source': os.path.abspath(flags.FLAGS.checkpoint)})
   checkpointer.close()
   print(f'Wrote {checkpointer.directory}/{step} and '

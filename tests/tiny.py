@@ -1,0 +1,25 @@
+"""A tiny SSD config for fast tests (64px input, VGG widths / 16)."""
+
+from configs import ssd300_voc
+
+
+def tiny_config(num_classes=4):
+  config = ssd300_voc.get_config()
+  config.model.num_classes = num_classes
+  config.model.backbone.pretrained = ''
+  config.model.backbone.width_divisor = 16
+  config.model.backbone.out_channels = (32, 64, 32, 32)
+  config.model.backbone.extras = ((16, 32, 3, 2, 1), (16, 32, 3, 2, 1))
+  p = config.model.priors
+  p.feature_maps = (8, 4, 2, 1)
+  p.strides = (8, 16, 32, 64)
+  p.min_sizes = (10, 20, 36, 50)
+  p.max_sizes = (20, 36, 50, 64)
+  p.aspect_ratios = ((2,), (2, 3), (2,), (2,))
+  p.boxes_per_location = (4, 6, 4, 4)
+  config.input.image_size = 64
+  config.data.class_names = ('__background__',) + tuple(
+      f'class{i}' for i in range(1, num_classes))
+  config.data.max_boxes = 8
+  config.solver.batch_size = 4
+  return config
