@@ -14,6 +14,7 @@ import os
 
 import jax
 import ml_collections
+from flax import nnx
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
@@ -106,6 +107,20 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_model(checkpointer, model, step=None):
+  """Loads the model variables of a checkpoint into the NNX `model` in place.
+
+  `model` may be abstract (from nnx.eval_shape). Returns the restored step.
+  """
+  if step is None:
+    step = checkpointer.latest_step()
+  state = nnx.state(model)
+  restored = checkpointer.restore(step, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, restored['model'])
+  nnx.update(model, state)
+  return step
 
 
 def _abstract(tree):

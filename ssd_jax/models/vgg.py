@@ -41,7 +41,7 @@ def max_pool(x, window, stride, padding=0, ceil_mode=False):
       extra = max((out - 1) * stride + window - (n + 2 * padding), 0)
     pads.append((padding, padding + extra))
   return jax.lax.reduce_window(
-      x, jnp.array(-jnp.inf, x.dtype), jax.lax.max,
+      x, -jnp.inf, jax.lax.max,
       (1, window, window, 1), (1, stride, stride, 1),
       ((0, 0), pads[0], pads[1], (0, 0)))
 

@@ -1,0 +1,191 @@
+"""Train state, the jit-compiled train step and the predict step.
+
+No TensorFlow here: this module runs on machines that have only JAX.
+
+The model is split once into a static graph definition and array state
+(`nnx.split`); the train step is a pure function of (state, batch) that merges
+them back, so it can be jit-compiled with shardings and the state donated.
+Data parallelism: a 1-D mesh over all devices ('data'), the batch sharded
+along its first axis, the train state replicated.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ssd_jax import losses
+from ssd_jax import priors as priors_lib
+from ssd_jax import targets
+
+DATA_AXIS = 'data'
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training.
+
+  step: int32 scalar, optimizer updates done so far.
+  params: nnx.State of the model's nnx.Param variables.
+  model_state: nnx.State of the other variables (BatchNorm statistics).
+  opt_state: the optax state of `params`.
+  """
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """Static halves of the model: graph definitions for training and eval."""
+  train: Any
+  eval: Any
+
+
+def create_mesh(devices=None):
+  """1-D data-parallel mesh over `devices` (default: all, every host)."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices, (DATA_AXIS,))
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated_sharding(mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def split_model(model):
+  """-> (ModelDef, params, model_state) of an NNX SSD in training mode."""
+  model.eval()
+  eval_def = nnx.split(model, nnx.Param, ...)[0]
+  model.train()
+  train_def, params, model_state = nnx.split(model, nnx.Param, ...)
+  return ModelDef(train=train_def, eval=eval_def), params, model_state
+
+
+def create_train_state(model, tx, mesh):
+  """Splits `model`, initialises the optimizer, replicates over `mesh`."""
+  model_def, params, model_state = split_model(model)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     model_state=model_state, opt_state=tx.init(params))
+  return model_def, jax.device_put(state, replicated_sharding(mesh))
+
+
+def global_batch(batch, mesh):
+  """Host-local numpy batch -> global jax arrays sharded along axis 0.
+
+  Each host passes its own slice (batch_size / process_count images); on one
+  host this is a plain device_put with the batch sharding.
+  """
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+      batch)
+
+
+def loss_and_targets(model, batch, priors, config):
+  """Forward, on-device matching and MultiBox loss for one train batch.
+
+  Args:
+    model: an NNX SSD.
+    batch: dict with 'image' [B,S,S,3] float, 'boxes' [B,M,4] corner form in
+      [0,1], 'labels' [B,M] int, 'mask' [B,M] bool.
+    priors: [P,4] center-form priors.
+    config: the experiment config.
+
+  Returns:
+    (total_loss, {'reg_loss', 'cls_loss', 'total_loss', 'num_positives'}).
+  """
+  m = config.model
+  cls_logits, bbox_pred = model(batch['image'])
+  loc_targets, cls_targets = targets.encode_targets(
+      batch['boxes'], batch['labels'], batch['mask'], priors,
+      iou_threshold=m.threshold, center_variance=m.center_variance,
+      size_variance=m.size_variance)
+  reg_loss, cls_loss = losses.multibox_loss(
+      cls_logits, bbox_pred, cls_targets, loc_targets,
+      neg_pos_ratio=m.neg_pos_ratio)
+  total = reg_loss + cls_loss
+  return total, {'reg_loss': reg_loss, 'cls_loss': cls_loss,
+                 'total_loss': total,
+                 'num_positives': jnp.sum(cls_targets > 0)}
+
+
+def make_train_step(config, model_def, tx, mesh, priors=None):
+  """The jit-compiled `train_step(state, batch) -> (state, metrics)`.
+
+  The state is donated (its buffers are reused for the new state). `batch`
+  holds global arrays sharded along the batch axis (see `global_batch`).
+  Metrics are replicated float32 scalars; reading them is the only host sync.
+  """
+  if priors is None:
+    priors = priors_lib.generate_priors(config)
+  priors = jnp.asarray(priors)
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      model = nnx.merge(model_def.train, params, state.model_state, copy=True)
+      total, metrics = loss_and_targets(model, batch, priors, config)
+      return total, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
+
+    grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
+
+  replicated = replicated_sharding(mesh)
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(replicated, batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated))
+
+
+def make_predict_step(model_def):
+  """The jit-compiled `predict_step(state, images) -> (cls_logits, bbox_pred)`.
+
+  Eval mode (BatchNorm uses running statistics); outputs are float32,
+  [B,P,C] raw logits and [B,P,4] encoded boxes. `images` is sharded along
+  the batch axis when the batch divides over the devices.
+  """
+  def predict_step(state, images):
+    model = nnx.merge(model_def.eval, state.params, state.model_state)
+    cls_logits, bbox_pred = model(images)
+    return cls_logits.astype(jnp.float32), bbox_pred.astype(jnp.float32)
+
+  return jax.jit(predict_step)
+
+
+def state_to_checkpoint(state):
+  """TrainState -> (model, opt_state) pytrees of arrays for Orbax.
+
+  `model` is the pure dict of all model variables, the layout that
+  torch_import writes and eval.py reads.
+  """
+  model = nnx.to_pure_dict(nnx.merge_state(state.params, state.model_state))
+  return model, state.opt_state
+
+
+def state_from_checkpoint(state, model, opt_state=None, step=None):
+  """The inverse of `state_to_checkpoint`, into the structure of `state`.
+
+  `opt_state` None keeps the state's optimizer state (e.g. a checkpoint
+  imported from PyTorch has none); `step` None keeps its step.
+  """
+  variables = nnx.merge_state(state.params, state.model_state)
+  nnx.replace_by_pure_dict(variables, model)
+  params, model_state = nnx.split_state(variables, nnx.Param, ...)
+  return state.replace(
+      step=state.step if step is None else jnp.asarray(step, jnp.int32),
+      params=params, model_state=model_state,
+      opt_state=state.opt_state if opt_state is None else opt_state)

@@ -1,0 +1,199 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ssd_jax import models
+from ssd_jax import optim
+from ssd_jax import priors as priors_lib
+from ssd_jax import train_lib
+from tests.tiny import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def synthetic_batch(config, batch_size, seed=0):
+  """A train batch with 1-3 random boxes per image (numpy)."""
+  rng = np.random.RandomState(seed)
+  size, max_boxes = config.input.image_size, config.data.max_boxes
+  boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
+  labels = np.zeros((batch_size, max_boxes), np.int32)
+  mask = np.zeros((batch_size, max_boxes), bool)
+  for i in range(batch_size):
+    n = rng.randint(1, 4)
+    xy = rng.uniform(0, 0.6, (n, 2))
+    wh = rng.uniform(0.15, 0.4, (n, 2))
+    boxes[i, :n] = np.concatenate([xy, xy + wh], axis=1)
+    labels[i, :n] = rng.randint(1, config.model.num_classes, n)
+    mask[i, :n] = True
+  image = rng.normal(0, 50, (batch_size, size, size, 3)).astype(np.float32)
+  return {'image': image, 'boxes': boxes, 'labels': labels, 'mask': mask}
+
+
+def _setup(config, mesh=None):
+  mesh = mesh or train_lib.create_mesh()
+  model = models.create_model(config)
+  tx = optim.create_optimizer(config)
+  model_def, state = train_lib.create_train_state(model, tx, mesh)
+  step = train_lib.make_train_step(config, model_def, tx, mesh)
+  return mesh, model_def, tx, state, step
+
+
+@pytest.fixture(scope='module')
+def tiny_setup():
+  config = tiny_config()
+  return (config,) + _setup(config)
+
+
+@pytest.fixture
+def tiny(tiny_setup):
+  """The module's tiny setup with a fresh copy of the (donatable) state."""
+  config, mesh, model_def, tx, state, step = tiny_setup
+  return config, mesh, model_def, tx, jax.tree.map(jnp.copy, state), step
+
+
+def test_train_step_equals_manual_update(tiny):
+  config, mesh, model_def, tx, state, train_step = tiny
+  batch = synthetic_batch(config, 4)
+  params_before = jax.tree.map(np.asarray, state.params)
+
+  priors = jnp.asarray(priors_lib.generate_priors(config))
+
+  def loss_fn(params):
+    m = nnx.merge(model_def.train, params, state.model_state)
+    return train_lib.loss_and_targets(m, batch, priors, config)[0]
+
+  @jax.jit
+  def manual_step(params):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    return loss, optax.apply_updates(params, updates)
+
+  expected_loss, expected_params = manual_step(state.params)
+  expected_params = jax.tree.map(np.asarray, expected_params)
+
+  new_state, metrics = train_step(state, train_lib.global_batch(batch, mesh))
+  assert int(new_state.step) == 1
+  np.testing.assert_allclose(float(metrics['total_loss']), float(expected_loss),
+                             rtol=1e-5)
+  np.testing.assert_allclose(
+      float(metrics['total_loss']),
+      float(metrics['reg_loss']) + float(metrics['cls_loss']), rtol=1e-6)
+  assert int(metrics['num_positives']) > 0
+  for got, want, before in zip(jax.tree.leaves(new_state.params),
+                               jax.tree.leaves(expected_params),
+                               jax.tree.leaves(params_before)):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-7)
+  assert any(not np.array_equal(np.asarray(a), b) for a, b in zip(
+      jax.tree.leaves(new_state.params), jax.tree.leaves(params_before)))
+
+
+def test_repeated_steps_fit_a_fixed_batch():
+  config = tiny_config()
+  config.solver.optimizer = 'adam'
+  config.solver.warmup_iters = 0
+  mesh, _, _, state, train_step = _setup(config)
+  batch = train_lib.global_batch(synthetic_batch(config, 4, seed=1), mesh)
+  first = None
+  for _ in range(30):
+    state, metrics = train_step(state, batch)
+    first = first if first is not None else float(metrics['total_loss'])
+  assert np.isfinite(float(metrics['total_loss']))
+  assert float(metrics['total_loss']) < 0.5 * first
+
+
+def test_batch_without_boxes_gives_zero_loss_and_no_nan(tiny):
+  config, mesh, _, _, state, train_step = tiny
+  batch = synthetic_batch(config, 4)
+  batch['mask'][:] = False
+  new_state, metrics = train_step(state, train_lib.global_batch(batch, mesh))
+  assert float(metrics['total_loss']) == 0.0
+  assert all(np.all(np.isfinite(np.asarray(x)))
+             for x in jax.tree.leaves(new_state.params))
+
+
+def test_predict_step_outputs(tiny):
+  config, mesh, model_def, _, state, _ = tiny
+  predict = train_lib.make_predict_step(model_def)
+  images = train_lib.global_batch(synthetic_batch(config, 4)['image'], mesh)
+  cls_logits, bbox_pred = predict(state, images)
+  p = priors_lib.num_priors(config)
+  assert cls_logits.shape == (4, p, 4) and bbox_pred.shape == (4, p, 4)
+  assert cls_logits.dtype == jnp.float32
+
+
+def test_batch_norm_statistics_update_in_training_only():
+  config = tiny_config()
+  config.model.backbone.batch_norm = True
+  mesh, model_def, _, state, train_step = _setup(config)
+  batch = train_lib.global_batch(synthetic_batch(config, 4), mesh)
+  predict = train_lib.make_predict_step(model_def)
+  before = jax.tree.map(np.asarray, state.model_state)
+  out_a = np.asarray(predict(state, batch['image'])[0])
+  out_b = np.asarray(predict(state, batch['image'])[0])
+  np.testing.assert_array_equal(out_a, out_b)
+  new_state, _ = train_step(state, batch)
+  changed = [not np.allclose(np.asarray(a), b) for a, b in zip(
+      jax.tree.leaves(new_state.model_state), jax.tree.leaves(before))]
+  assert any(changed)
+
+
+def test_checkpoint_layout_round_trip(tiny):
+  config, mesh, model_def, tx, state, _ = tiny
+  model_tree, opt_state = train_lib.state_to_checkpoint(state)
+  # The layout is the model's full variable dict, as torch_import writes it.
+  model = nnx.merge(model_def.train, state.params, state.model_state)
+  assert jax.tree.structure(model_tree) == jax.tree.structure(
+      nnx.to_pure_dict(nnx.state(model)))
+  zeros = jax.tree.map(jnp.zeros_like, state)
+  restored = train_lib.state_from_checkpoint(zeros, model_tree, opt_state,
+                                             step=7)
+  assert int(restored.step) == 7
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    if a.shape:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  del config, mesh, tx
+
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+    import jax, numpy as np
+    assert jax.device_count() == 8, jax.devices()
+    from ssd_jax import train_lib
+    from tests.test_train_lib import _setup, synthetic_batch
+    from tests.tiny import tiny_config
+    config = tiny_config()
+    config.solver.batch_size = 8
+    batch = synthetic_batch(config, 8)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = train_lib.create_mesh(devices)
+      _, _, _, state, step = _setup(config, mesh)
+      global_batch = train_lib.global_batch(batch, mesh)
+      assert len(global_batch['image'].sharding.device_set) == len(devices)
+      for _ in range(2):
+        state, metrics = step(state, global_batch)
+      results.append((float(metrics['total_loss']),
+                      [np.asarray(x) for x in jax.tree.leaves(state.params)]))
+    (loss1, params1), (loss8, params8) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    for a, b in zip(params8, params1):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    print('OK', loss1, loss8)
+''')
+
+
+def test_eight_devices_equal_one_device():
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  result = subprocess.run([sys.executable, '-c', MULTI_DEVICE_SCRIPT], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith('OK')
