@@ -125,7 +125,8 @@ def make_train_step(config, model_def, tx, mesh, priors=None):
 
   The state is donated (its buffers are reused for the new state). `batch`
   holds global arrays sharded along the batch axis (see `global_batch`).
-  Metrics are replicated float32 scalars; reading them is the only host sync.
+  Metrics (losses, number of positive priors, gradient norm) are replicated
+  scalars; reading them is the only host sync.
   """
   if priors is None:
     priors = priors_lib.generate_priors(config)
@@ -139,6 +140,7 @@ def make_train_step(config, model_def, tx, mesh, priors=None):
 
     grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
         state.params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params,

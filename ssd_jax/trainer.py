@@ -1,0 +1,288 @@
+"""The training loop: the reference's log, checkpoints, resume, periodic eval.
+
+`train_and_evaluate(config, workdir)` is what `train.py` calls. The workdir:
+    W/config.json, W/log.txt, W/checkpoints/<step>/, W/tf_logs/ (TensorBoard),
+    W/eval/<dataset>_<step>.json
+"""
+
+import os
+import queue
+import threading
+import time
+import urllib.request
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+from ssd_jax import checkpointing
+from ssd_jax import metrics_log
+from ssd_jax import models
+from ssd_jax import optim
+from ssd_jax import priors as priors_lib
+from ssd_jax import torch_import
+from ssd_jax import train_lib
+
+LOGGER_NAME = 'SSD.trainer'
+DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'ssd_jax')
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient became NaN or Inf."""
+
+
+def pretrained_path(pretrained, cache_dir=None):
+  """A local path for `model.backbone.pretrained` (downloads a URL once)."""
+  if '://' not in pretrained:
+    if not os.path.exists(pretrained):
+      raise FileNotFoundError(
+          f'model.backbone.pretrained: {pretrained} does not exist. Point '
+          'it at vgg16_reducedfc.pth, or set --config.model.backbone.'
+          "pretrained='' to start from random weights.")
+    return pretrained
+  cache_dir = cache_dir or os.environ.get('SSD_JAX_CACHE', DEFAULT_CACHE)
+  path = os.path.join(cache_dir, os.path.basename(pretrained))
+  if os.path.exists(path):
+    return path
+  os.makedirs(cache_dir, exist_ok=True)
+  try:
+    with urllib.request.urlopen(pretrained, timeout=60) as response:
+      data = response.read()
+  except OSError as e:
+    raise FileNotFoundError(
+        f'Could not download the pretrained backbone {pretrained} ({e}). '
+        f'Download it where you have internet and put it at {path} (or set '
+        '$SSD_JAX_CACHE), pass --config.model.backbone.pretrained=/path/to/'
+        "vgg16_reducedfc.pth, or use --config.model.backbone.pretrained='' "
+        'for random initialisation.') from e
+  with open(path + '.tmp', 'wb') as f:
+    f.write(data)
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def _prefetch(iterator, mesh, size):
+  """Yields global device batches, converting `size` batches ahead in a thread.
+
+  Also yields the seconds the consumer waited for each batch.
+  """
+  buffer = queue.Queue(maxsize=max(size, 1))
+  done = object()
+
+  def producer():
+    try:
+      for batch in iterator:
+        buffer.put(train_lib.global_batch(batch, mesh))
+    except Exception as e:  # pylint: disable=broad-except
+      buffer.put(e)
+    buffer.put(done)
+
+  threading.Thread(target=producer, daemon=True).start()
+  while True:
+    start = time.perf_counter()
+    item = buffer.get()
+    waited = time.perf_counter() - start
+    if item is done:
+      return
+    if isinstance(item, Exception):
+      raise item
+    yield item, waited
+
+
+def _peak_memory_mib():
+  stats = jax.local_devices()[0].memory_stats()
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return None
+  return round(stats['peak_bytes_in_use'] / 1024 / 1024)
+
+
+class Evaluator:
+  """Runs the evaluation of every dataset in config.data.test."""
+
+  def __init__(self, config, workdir, model_def, mesh, priors, writer, logger):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = mesh
+    self.priors = priors
+    self.writer = writer
+    self.logger = logger
+    self.predict_step = train_lib.make_predict_step(model_def)
+
+  def _predict_fn(self, state):
+    if jax.process_count() == 1:
+      # Spread the batch over all (local) devices.
+      def predict(images):
+        return self.predict_step(state, train_lib.global_batch(images,
+                                                               self.mesh))
+      return predict
+    # Several hosts: process 0 evaluates alone on its first device.
+    local = jax.tree.map(lambda x: x.addressable_data(0), state)
+    return lambda images: self.predict_step(local, images)
+
+  def eval_batch_size(self):
+    devices = len(self.mesh.devices.flat) if jax.process_count() == 1 else 1
+    return -(-self.config.test.batch_size // devices) * devices
+
+  def __call__(self, state, step):
+    """Evaluates, logs the table, writes JSON + TensorBoard; returns results."""
+    from ssd_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:
+      return {}
+    results = {}
+    predict = self._predict_fn(state)
+    class_names = self.config.data.class_names
+    for name in self.config.data.test:
+      batches = pipeline.create_eval_iterator(
+          self.config, name, batch_size=self.eval_batch_size(),
+          process_index=0, process_count=1)
+      result = evaluate.evaluate(predict, batches, self.priors, self.config,
+                                 class_names)
+      results[name] = result
+      self.logger.info('Evaluating %s (%d images) at iteration %d:\n%s', name,
+                       result['num_images'], step,
+                       evaluate.format_result(result, class_names))
+      evaluate.write_result(self.workdir, name, step, result, class_names)
+      scalars = {f'metrics/{name}/mAP': result['map'],
+                 f'metrics/{name}/mAP_area': result['map_area']}
+      for label, ap in enumerate(result['ap']):
+        if label > 0 and np.isfinite(ap):
+          scalars[f'metrics/{name}/{class_names[label]}'] = ap
+      self.writer.write_scalars(step, scalars)
+      images = evaluate.detection_images(result, class_names)
+      if images is not None:
+        self.writer.write_images(step, {f'detections/{name}': images})
+      self.writer.flush()
+    return results
+
+
+def train_and_evaluate(config, workdir):
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint).
+
+  Returns the final TrainState.
+  """
+  from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  is_main = jax.process_index() == 0
+  logger = metrics_log.setup_logger(LOGGER_NAME, workdir, write_file=is_main)
+  models.validate_config(config)
+  logger.info('Running with config:\n%s', config)
+  if is_main:
+    checkpointing.save_config(workdir, config)
+
+  mesh = train_lib.create_mesh()
+  logger.info('Devices: %d x %s on %d host(s)', jax.device_count(),
+              jax.devices()[0].device_kind, jax.process_count())
+  model = models.create_model(config)
+  checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  if latest is None and config.model.backbone.pretrained:
+    path = pretrained_path(config.model.backbone.pretrained)
+    logger.info('Loading pretrained backbone from %s', path)
+    torch_import.load_pretrained_vgg(model, path)
+  tx = optim.create_optimizer(config)
+  model_def, state = train_lib.create_train_state(model, tx, mesh)
+  del model
+
+  if latest is None:
+    logger.info('No checkpoint found.')
+  else:
+    logger.info('Loading checkpoint from %s',
+                os.path.join(checkpointer.directory, str(latest)))
+    model_tree, opt_state = train_lib.state_to_checkpoint(state)
+    restored = checkpointer.restore(latest, model_tree, opt_state)
+    state = train_lib.state_from_checkpoint(
+        state, restored['model'], restored.get('opt_state'), step=latest)
+  start_step = int(state.step)
+
+  priors = priors_lib.generate_priors(config)
+  train_step = train_lib.make_train_step(config, model_def, tx, mesh, priors)
+  writer = metric_writers.create_default_writer(
+      os.path.join(workdir, 'tf_logs'), just_logging=not is_main)
+  evaluator = Evaluator(config, workdir, model_def, mesh, priors, writer,
+                        logger)
+  max_iter = config.solver.max_iter
+  train_iter = pipeline.create_train_iterator(config, start_step=start_step)
+  batches = _prefetch(train_iter, mesh, config.data.prefetch)
+
+  def save(step):
+    model_tree, opt_state = train_lib.state_to_checkpoint(state)
+    logger.info('Saving checkpoint to %s',
+                os.path.join(checkpointer.directory, str(step)))
+    checkpointer.save(step, model_tree, opt_state,
+                      meta={'seed': config.seed,
+                            'batch_size': config.solver.batch_size,
+                            'examples_seen': step * config.solver.batch_size})
+
+  meters = metrics_log.MetricLogger(window=config.log_step)
+  pending = []  # (iteration, device metrics) not yet read back
+  wait_time = 0.0
+  logger.info('Start training from iteration %d', start_step)
+  train_start = last_time = time.time()
+  step = start_step
+  try:
+    for step in range(start_step + 1, max_iter + 1):
+      batch, waited = next(batches)
+      wait_time += waited
+      state, metrics = train_step(state, batch)
+      pending.append((step, metrics))
+      is_save = step % config.save_step == 0 or step == max_iter
+      if step % config.log_step == 0 or is_save:
+        values = _read_checked(pending, checkpointer)
+        now = time.time()
+        per_iter = (now - last_time) / len(pending)
+        last_time = now
+        for it, v in values:
+          meters.update(total_loss=v['total_loss'], reg_loss=v['reg_loss'],
+                        cls_loss=v['cls_loss'], time=per_iter)
+        pending = []
+        if step % config.log_step == 0:
+          _log(logger, writer, config, step, values[-1][1], meters, max_iter,
+               wait_time / max(now - train_start, 1e-9))
+      if is_save:
+        save(step)
+      if (config.eval_step > 0 and step % config.eval_step == 0 and
+          step != max_iter):
+        evaluator(state, step)
+  finally:
+    checkpointer.wait()
+  total = time.time() - train_start
+  done = max(step - start_step, 1)
+  logger.info('Total training time: %s (%.4f s / it)',
+              metrics_log.format_duration(total), total / done)
+  logger.info('Waiting for data: %.1f%% of the training time',
+              100 * wait_time / max(total, 1e-9))
+  if hasattr(train_iter, 'stats'):
+    logger.info('Input pipeline: %s', train_iter.stats.summary())
+  evaluator(state, step)
+  checkpointer.close()
+  writer.close()
+  return state
+
+
+def _read_checked(pending, checkpointer):
+  """Fetches pending metrics; raises NonFiniteLossError naming the iteration."""
+  values = jax.device_get([(it, m) for it, m in pending])
+  for iteration, v in values:
+    if not (np.isfinite(v['total_loss']) and np.isfinite(v['grad_norm'])):
+      latest = checkpointer.latest_step()
+      kept = (f'the last checkpoint (iteration {latest}) is intact'
+              if latest is not None else 'no checkpoint was written yet')
+      raise NonFiniteLossError(
+          f'Loss is {v["total_loss"]} (gradient norm {v["grad_norm"]}) at '
+          f'iteration {iteration}: stopping; {kept}. Lower solver.lr or check '
+          'the data.')
+  return values
+
+
+def _log(logger, writer, config, step, current, meters, max_iter,
+         data_wait_fraction):
+  lr = optim.learning_rate(config, step)
+  eta = meters.meters['time'].global_avg * (max_iter - step)
+  logger.info(metrics_log.log_line(step, lr, meters, eta, _peak_memory_mib()))
+  writer.write_scalars(step, {
+      'losses/total_loss': current['total_loss'],
+      'losses/reg_loss': current['reg_loss'],
+      'losses/cls_loss': current['cls_loss'],
+      'lr': lr,
+      'perf/data_wait_fraction': data_wait_fraction,
+  })

@@ -1,0 +1,33 @@
+"""Trains an SSD: `python train.py --config=configs/ssd300_voc.py [--workdir=W]`.
+
+Config values are overridden with flags such as `--config.solver.batch_size=8`.
+Running the same command again resumes from the latest checkpoint in W.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None,
+                    'Output directory (default: config.output_dir).')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() first (multi-host runs).')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
+  trainer.train_and_evaluate(FLAGS.config,
+                             FLAGS.workdir or FLAGS.config.output_dir)
+
+
+if __name__ == '__main__':
+  app.run(main)
