@@ -13,6 +13,7 @@ from flax import nnx
 from ssd_jax import models
 from ssd_jax import optim
 from ssd_jax import priors as priors_lib
+from ssd_jax import synthetic
 from ssd_jax import train_lib
 from tests.tiny import tiny_config
 
@@ -20,21 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def synthetic_batch(config, batch_size, seed=0):
-  """A train batch with 1-3 random boxes per image (numpy)."""
-  rng = np.random.RandomState(seed)
-  size, max_boxes = config.input.image_size, config.data.max_boxes
-  boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
-  labels = np.zeros((batch_size, max_boxes), np.int32)
-  mask = np.zeros((batch_size, max_boxes), bool)
-  for i in range(batch_size):
-    n = rng.randint(1, 4)
-    xy = rng.uniform(0, 0.6, (n, 2))
-    wh = rng.uniform(0.15, 0.4, (n, 2))
-    boxes[i, :n] = np.concatenate([xy, xy + wh], axis=1)
-    labels[i, :n] = rng.randint(1, config.model.num_classes, n)
-    mask[i, :n] = True
-  image = rng.normal(0, 50, (batch_size, size, size, 3)).astype(np.float32)
-  return {'image': image, 'boxes': boxes, 'labels': labels, 'mask': mask}
+  return synthetic.synthetic_batch(config, batch_size, seed, max_objects=3)
 
 
 def _setup(config, mesh=None):
