@@ -1,0 +1,225 @@
+"""PASCAL VOC detection average precision, equal to the reference's evaluator.
+
+The reference (lufficc/SSD) evaluates with a copy of chainercv's
+`eval_detection_voc`; this module computes the same numbers, vectorised per
+image instead of looping over (image, class, prediction):
+
+* boxes are (xmin, ymin, xmax, ymax) in pixels, 0-based (the VOC XML value
+  minus 1); both predictions and ground truth get +1 on xmax and ymax (the
+  "integer" VOC convention) before the IoU;
+* within one image and class, predictions are visited by descending score;
+  each takes the ground truth box of its class with the largest IoU (first
+  one on ties); IoU >= `iou_thresh` is a match. A match with a difficult box
+  is ignored (neither true nor false positive); a match with a box already
+  taken by a higher-scoring prediction is a false positive (no fall back to
+  the second-best box); everything else that matches is a true positive;
+* per class, precision and recall over all images, ordered by score;
+* AP: the VOC07 11-point metric (thresholds `np.arange(0., 1.1, 0.1)`) or the
+  area under the monotone precision envelope;
+* `ap[l]` is NaN when class l has no non-difficult ground truth (even if it
+  has predictions), and for l = 0 (background); mAP is the NaN-mean.
+
+Ties in score among one image's predictions of one class are visited in
+descending index order (what the reference's `argsort()[::-1]` gives for small
+arrays); pooled over images, the order is the reference's `argsort()[::-1]`
+of the same array.
+"""
+
+import numpy as np
+
+# The reference's 11 recall thresholds, with their float rounding
+# (0.30000000000000004, ...).
+VOC07_RECALL_THRESHOLDS = np.arange(0., 1.1, 0.1)
+
+
+def voc_iou(boxes_a, boxes_b):
+  """IoU with the VOC "+1" convention: [N, 4], [M, 4] -> [N, M].
+
+  Boxes are (xmin, ymin, xmax, ymax) with inclusive integer-pixel ends, so
+  xmax and ymax get +1 first. Computed in the inputs' dtype with the
+  reference's arithmetic (bit-identical); 0/0 gives NaN, as there.
+  """
+  a = np.array(boxes_a, copy=True)
+  b = np.array(boxes_b, copy=True)
+  a[:, 2:] += 1
+  b[:, 2:] += 1
+  top_left = np.maximum(a[:, None, :2], b[:, :2])
+  bottom_right = np.minimum(a[:, None, 2:], b[:, 2:])
+  wh = bottom_right - top_left
+  area_i = wh[..., 0] * wh[..., 1] * (top_left < bottom_right).all(axis=2)
+  area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+  area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+  with np.errstate(divide='ignore', invalid='ignore'):
+    return area_i / (area_a[:, None] + area_b - area_i)
+
+
+def _match_image(boxes, labels, scores, gt_boxes, gt_labels, gt_difficult,
+                 iou_thresh):
+  """One image: predictions ordered by (label, descending score) and their
+  match flags (1 true positive, 0 false positive, -1 ignored)."""
+  # Primary key label, then score descending, then index descending.
+  index = np.arange(len(labels))
+  order = np.lexsort((-index, -scores, labels))
+  boxes, labels, scores = boxes[order], labels[order], scores[order]
+  match = np.zeros(len(labels), np.int8)
+  if len(labels) and len(gt_labels):
+    iou = voc_iou(boxes, gt_boxes)
+    iou[labels[:, None] != gt_labels[None, :]] = -np.inf
+    best = iou.argmax(axis=1)
+    # NaN compares False here as it does in the reference (a NaN IoU matches).
+    matched = ~(iou[index, best] < iou_thresh)
+    difficult = matched & gt_difficult[best]
+    match[difficult] = -1
+    claims = np.flatnonzero(matched & ~difficult)
+    # The best-scoring claim of each box is the true positive.
+    _, first = np.unique(best[claims], return_index=True)
+    match[claims[first]] = 1
+  return labels, scores, match
+
+
+def precision_recall(pred_boxes, pred_labels, pred_scores, gt_boxes,
+                     gt_labels, gt_difficults=None, *, iou_thresh=0.5):
+  """Per-class precision and recall curves over a dataset.
+
+  Args:
+    pred_boxes: per image, [R, 4] (xmin, ymin, xmax, ymax) pixels, 0-based.
+    pred_labels: per image, [R] int labels (1..C-1).
+    pred_scores: per image, [R] scores.
+    gt_boxes: per image, [M, 4] ground truth, same convention.
+    gt_labels: per image, [M] int labels.
+    gt_difficults: per image, [M] bool; None = nothing is difficult.
+    iou_thresh: a prediction matches when IoU >= this.
+
+  Returns:
+    (prec, rec): lists indexed by label, of length max(label seen) + 1.
+    prec[l] is the float64 precision array over class l's predictions
+    ordered by score (NaN where only ignored predictions were seen so far);
+    rec[l] the recall array. Both are None for labels seen nowhere, and rec[l]
+    is None when class l has no non-difficult ground truth.
+  """
+  lengths = {len(pred_boxes), len(pred_labels), len(pred_scores),
+             len(gt_boxes), len(gt_labels)}
+  if gt_difficults is not None:
+    lengths.add(len(gt_difficults))
+  if len(lengths) != 1:
+    raise ValueError('Length of input iterables need to be same.')
+  all_labels, all_scores, all_match = [], [], []
+  seen = set()
+  gt_label_chunks = []
+  for i in range(len(pred_boxes)):
+    labels = np.asarray(pred_labels[i]).astype(np.int64).reshape(-1)
+    scores = np.asarray(pred_scores[i]).reshape(-1)
+    boxes = np.asarray(pred_boxes[i]).reshape(-1, 4)
+    gt_l = np.asarray(gt_labels[i]).astype(np.int64).reshape(-1)
+    gt_b = np.asarray(gt_boxes[i]).reshape(-1, 4)
+    if gt_difficults is None or gt_difficults[i] is None:
+      gt_d = np.zeros(len(gt_l), bool)
+    else:
+      gt_d = np.asarray(gt_difficults[i]).astype(bool).reshape(-1)
+    if not len(labels) == len(scores) == len(boxes):
+      raise ValueError(f'image {i}: {len(boxes)} predicted boxes, '
+                       f'{len(labels)} labels, {len(scores)} scores')
+    if not len(gt_l) == len(gt_b) == len(gt_d):
+      raise ValueError(f'image {i}: {len(gt_b)} ground truth boxes, '
+                       f'{len(gt_l)} labels, {len(gt_d)} difficult flags')
+    labels, scores, match = _match_image(boxes, labels, scores, gt_b, gt_l,
+                                         gt_d, iou_thresh)
+    all_labels.append(labels)
+    all_scores.append(scores)
+    all_match.append(match)
+    gt_label_chunks.append(gt_l[~gt_d])
+    seen.update(np.unique(labels).tolist())
+    seen.update(np.unique(gt_l).tolist())
+  if not seen:
+    raise ValueError('no predictions and no ground truth: nothing to evaluate')
+
+  num_labels = max(seen) + 1
+  n_pos = np.bincount(np.concatenate(gt_label_chunks), minlength=num_labels)
+  labels = np.concatenate(all_labels)
+  scores = np.concatenate(all_scores)
+  match = np.concatenate(all_match)
+  by_label = np.argsort(labels, kind='stable')  # image order within a label
+  starts = np.searchsorted(labels[by_label], np.arange(num_labels + 1))
+  prec = [None] * num_labels
+  rec = [None] * num_labels
+  for l in sorted(seen):
+    rows = by_label[starts[l]:starts[l + 1]]
+    score_l, match_l = scores[rows], match[rows]
+    match_l = match_l[score_l.argsort()[::-1]]
+    tp = np.cumsum(match_l == 1)
+    fp = np.cumsum(match_l == 0)
+    with np.errstate(divide='ignore', invalid='ignore'):
+      prec[l] = tp / (fp + tp)
+    if n_pos[l] > 0:
+      rec[l] = tp / n_pos[l]
+  return prec, rec
+
+
+def average_precision(prec, rec, *, use_07_metric=False):
+  """AP per label from `precision_recall`'s curves; NaN where either is None.
+
+  use_07_metric: the VOC07 11-point metric (mean over recall thresholds
+  0, 0.1, ..., 1 of the best precision at recall >= t); otherwise the area
+  under the precision envelope (VOC2010+).
+  """
+  ap = np.empty(len(prec))
+  for l in range(len(prec)):
+    if prec[l] is None or rec[l] is None:
+      ap[l] = np.nan
+      continue
+    precision = np.nan_to_num(prec[l])
+    if use_07_metric:
+      ap[l] = 0
+      for t in VOC07_RECALL_THRESHOLDS:
+        reached = rec[l] >= t
+        p = np.max(precision[reached]) if reached.any() else 0
+        ap[l] += p / 11
+    else:
+      mpre = np.concatenate(([0], precision, [0]))
+      mrec = np.concatenate(([0], rec[l], [1]))
+      mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+      i = np.flatnonzero(mrec[1:] != mrec[:-1])
+      ap[l] = np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+  return ap
+
+
+def mean_ap(ap):
+  """np.nanmean of an AP array, as the reference; NaN if every entry is NaN."""
+  ap = np.asarray(ap, np.float64)
+  if np.isnan(ap).all():
+    return float('nan')
+  return float(np.nanmean(ap))
+
+
+def eval_detection_voc(pred_boxes, pred_labels, pred_scores, gt_boxes,
+                       gt_labels, gt_difficults=None, *, iou_thresh=0.5,
+                       use_07_metric=False):
+  """VOC AP per class and mAP, as the reference's `eval_detection_voc`.
+
+  Args: see `precision_recall` (per-image lists of arrays);
+    use_07_metric: 11-point VOC07 AP (what the reference reports) instead of
+      the area under the curve.
+
+  Returns:
+    {'ap': float64 [max(label seen) + 1] (index = label, NaN for background
+    and for classes without non-difficult ground truth), 'map': the NaN-mean}.
+  """
+  prec, rec = precision_recall(pred_boxes, pred_labels, pred_scores, gt_boxes,
+                               gt_labels, gt_difficults, iou_thresh=iou_thresh)
+  ap = average_precision(prec, rec, use_07_metric=use_07_metric)
+  return {'ap': ap, 'map': mean_ap(ap)}
+
+
+def format_results(ap, map_value, class_names):
+  """The reference's printed table.
+
+  "mAP: 0.7740" then "{name:<16}: {ap:.4f}" for labels 1..len(ap)-1, each
+  line ending in a newline (NaN prints as "nan").
+  """
+  if len(ap) > len(class_names):
+    raise ValueError(f'{len(ap)} AP values but only {len(class_names)} class '
+                     'names')
+  text = 'mAP: {:.4f}\n'.format(map_value)
+  for label in range(1, len(ap)):
+    text += '{:<16}: {:.4f}\n'.format(class_names[label], ap[label])
+  return text
