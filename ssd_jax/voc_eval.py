@@ -53,28 +53,75 @@ def voc_iou(boxes_a, boxes_b):
     return area_i / (area_a[:, None] + area_b - area_i)
 
 
-def _match_image(boxes, labels, scores, gt_boxes, gt_labels, gt_difficult,
-                 iou_thresh):
-  """One image: predictions ordered by (label, descending score) and their
-  match flags (1 true positive, 0 false positive, -1 ignored)."""
-  # Primary key label, then score descending, then index descending.
-  index = np.arange(len(labels))
-  order = np.lexsort((-index, -scores, labels))
-  boxes, labels, scores = boxes[order], labels[order], scores[order]
+def _match(image, labels, scores, boxes, gt_image, gt_labels, gt_boxes,
+           gt_difficult, iou_thresh):
+  """Match flags of all predictions of a dataset at once.
+
+  Args: the predictions and ground truth of all images concatenated, with
+    `image` / `gt_image` the image index of each.
+
+  Returns:
+    order: the predictions sorted by (image, label, descending score, then
+      descending index), the order the reference visits them in;
+    match: int8 flags in that order, 1 true positive, 0 false positive,
+      -1 ignored (matched a difficult box).
+  """
+  order = np.lexsort((-np.arange(len(labels)), -scores, labels, image))
+  labels, boxes = labels[order], boxes[order]
+  gt_order = np.lexsort((gt_labels, gt_image))  # stable: keeps box order
+  num_keys = max(labels.max(initial=0), gt_labels.max(initial=0)) + 1
+  key = image[order] * num_keys + labels
+  gt_key = gt_image[gt_order] * num_keys + gt_labels[gt_order]
+  # Each prediction against the ground truth of its image and label: pairs.
+  first_gt = np.searchsorted(gt_key, key, 'left')
+  count = np.searchsorted(gt_key, key, 'right') - first_gt
   match = np.zeros(len(labels), np.int8)
-  if len(labels) and len(gt_labels):
-    iou = voc_iou(boxes, gt_boxes)
-    iou[labels[:, None] != gt_labels[None, :]] = -np.inf
-    best = iou.argmax(axis=1)
-    # NaN compares False here as it does in the reference (a NaN IoU matches).
-    matched = ~(iou[index, best] < iou_thresh)
-    difficult = matched & gt_difficult[best]
-    match[difficult] = -1
-    claims = np.flatnonzero(matched & ~difficult)
-    # The best-scoring claim of each box is the true positive.
-    _, first = np.unique(best[claims], return_index=True)
-    match[claims[first]] = 1
-  return labels, scores, match
+  has_gt = np.flatnonzero(count)
+  if not len(has_gt):
+    return order, match
+  pair_pred = np.repeat(has_gt, count[has_gt])
+  segment = np.cumsum(count[has_gt]) - count[has_gt]
+  pair_gt = gt_order[first_gt[pair_pred] + np.arange(len(pair_pred))
+                     - np.repeat(segment, count[has_gt])]
+  iou = voc_iou_pairs(boxes[pair_pred], gt_boxes[pair_gt])
+  # First maximum per prediction, as argmax; a NaN IoU counts as the maximum
+  # and as a match (NaN < iou_thresh is False), as in the reference.
+  best_iou = np.maximum.reduceat(iou, segment)
+  best_of_pair = np.repeat(best_iou, count[has_gt])
+  is_best = (iou == best_of_pair) | (np.isnan(iou) & np.isnan(best_of_pair))
+  best = pair_gt[np.minimum.reduceat(
+      np.where(is_best, np.arange(len(iou)), len(iou)), segment)]
+  matched = ~(best_iou < iou_thresh)
+  difficult = matched & gt_difficult[best]
+  match[has_gt[difficult]] = -1
+  claims = np.flatnonzero(matched & ~difficult)
+  # The first claim of a box in visiting order (its best score) is the true
+  # positive; later claims are false positives (no second-best fallback).
+  _, first = np.unique(best[claims], return_index=True)
+  match[has_gt[claims[first]]] = 1
+  return order, match
+
+
+def voc_iou_pairs(boxes_a, boxes_b):
+  """`voc_iou` of aligned pairs: [N, 4], [N, 4] -> [N], same arithmetic."""
+  ax1, ay1 = boxes_a[:, 0], boxes_a[:, 1]
+  bx1, by1 = boxes_b[:, 0], boxes_b[:, 1]
+  ax2, ay2 = boxes_a[:, 2] + 1, boxes_a[:, 3] + 1
+  bx2, by2 = boxes_b[:, 2] + 1, boxes_b[:, 3] + 1
+  left, top = np.maximum(ax1, bx1), np.maximum(ay1, by1)
+  right, bottom = np.minimum(ax2, bx2), np.minimum(ay2, by2)
+  area_i = (right - left) * (bottom - top) * ((left < right) & (top < bottom))
+  area_a = (ax2 - ax1) * (ay2 - ay1)
+  area_b = (bx2 - bx1) * (by2 - by1)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    return area_i / (area_a + area_b - area_i)
+
+
+def _concat(arrays, dtype, width=None):
+  shape = (0,) if width is None else (0, width)
+  arrays = [a for a in arrays if len(a)]
+  return np.concatenate(arrays).astype(dtype, copy=False) if arrays else (
+      np.zeros(shape, dtype))
 
 
 def precision_recall(pred_boxes, pred_labels, pred_scores, gt_boxes,
@@ -90,6 +137,9 @@ def precision_recall(pred_boxes, pred_labels, pred_scores, gt_boxes,
     gt_difficults: per image, [M] bool; None = nothing is difficult.
     iou_thresh: a prediction matches when IoU >= this.
 
+  The IoU is computed in the common dtype of all boxes (the reference: of
+  each image's; the same when all images share dtypes, e.g. float32).
+
   Returns:
     (prec, rec): lists indexed by label, of length max(label seen) + 1.
     prec[l] is the float64 precision array over class l's predictions
@@ -103,46 +153,54 @@ def precision_recall(pred_boxes, pred_labels, pred_scores, gt_boxes,
     lengths.add(len(gt_difficults))
   if len(lengths) != 1:
     raise ValueError('Length of input iterables need to be same.')
-  all_labels, all_scores, all_match = [], [], []
-  seen = set()
-  gt_label_chunks = []
+  preds = [[], [], [], []]  # image, labels, scores, boxes
+  gts = [[], [], [], []]  # image, labels, boxes, difficult
   for i in range(len(pred_boxes)):
-    labels = np.asarray(pred_labels[i]).astype(np.int64).reshape(-1)
+    labels = np.asarray(pred_labels[i]).reshape(-1)
     scores = np.asarray(pred_scores[i]).reshape(-1)
     boxes = np.asarray(pred_boxes[i]).reshape(-1, 4)
-    gt_l = np.asarray(gt_labels[i]).astype(np.int64).reshape(-1)
+    gt_l = np.asarray(gt_labels[i]).reshape(-1)
     gt_b = np.asarray(gt_boxes[i]).reshape(-1, 4)
     if gt_difficults is None or gt_difficults[i] is None:
       gt_d = np.zeros(len(gt_l), bool)
     else:
-      gt_d = np.asarray(gt_difficults[i]).astype(bool).reshape(-1)
+      gt_d = np.asarray(gt_difficults[i]).reshape(-1)
     if not len(labels) == len(scores) == len(boxes):
       raise ValueError(f'image {i}: {len(boxes)} predicted boxes, '
                        f'{len(labels)} labels, {len(scores)} scores')
     if not len(gt_l) == len(gt_b) == len(gt_d):
       raise ValueError(f'image {i}: {len(gt_b)} ground truth boxes, '
                        f'{len(gt_l)} labels, {len(gt_d)} difficult flags')
-    labels, scores, match = _match_image(boxes, labels, scores, gt_b, gt_l,
-                                         gt_d, iou_thresh)
-    all_labels.append(labels)
-    all_scores.append(scores)
-    all_match.append(match)
-    gt_label_chunks.append(gt_l[~gt_d])
-    seen.update(np.unique(labels).tolist())
-    seen.update(np.unique(gt_l).tolist())
-  if not seen:
+    for acc, value in zip(preds + gts, (np.full(len(labels), i), labels,
+                                        scores, boxes, np.full(len(gt_l), i),
+                                        gt_l, gt_b, gt_d)):
+      acc.append(value)
+  box_dtype = np.result_type(*[b.dtype for b in preds[3] + gts[2]],
+                             np.float32)
+  image = _concat(preds[0], np.int64)
+  labels = _concat(preds[1], np.int64)
+  scores = _concat(preds[2], np.result_type(*[s.dtype for s in preds[2]],
+                                            np.float32))
+  boxes = _concat(preds[3], box_dtype, 4)
+  gt_image = _concat(gts[0], np.int64)
+  gt_l = _concat(gts[1], np.int64)
+  gt_b = _concat(gts[2], box_dtype, 4)
+  gt_d = _concat(gts[3], bool)
+  if not len(labels) and not len(gt_l):
     raise ValueError('no predictions and no ground truth: nothing to evaluate')
 
-  num_labels = max(seen) + 1
-  n_pos = np.bincount(np.concatenate(gt_label_chunks), minlength=num_labels)
-  labels = np.concatenate(all_labels)
-  scores = np.concatenate(all_scores)
-  match = np.concatenate(all_match)
-  by_label = np.argsort(labels, kind='stable')  # image order within a label
+  order, match = _match(image, labels, scores, boxes, gt_image, gt_l, gt_b,
+                        gt_d, iou_thresh)
+  labels, scores = labels[order], scores[order]
+  seen = np.unique(np.concatenate([labels, gt_l]))
+  num_labels = int(seen.max()) + 1
+  n_pos = np.bincount(gt_l[~gt_d], minlength=num_labels)
+  # Pooled over images in image order, as the reference's lists.
+  by_label = np.argsort(labels, kind='stable')
   starts = np.searchsorted(labels[by_label], np.arange(num_labels + 1))
   prec = [None] * num_labels
   rec = [None] * num_labels
-  for l in sorted(seen):
+  for l in seen.tolist():
     rows = by_label[starts[l]:starts[l + 1]]
     score_l, match_l = scores[rows], match[rows]
     match_l = match_l[score_l.argsort()[::-1]]
