@@ -179,6 +179,8 @@ def batched_nms(boxes, scores, labels, iou_threshold, max_output=None):
   """
   boxes = np.asarray(boxes)
   labels = np.asarray(labels)
+  if (labels < 0).any():
+    raise ValueError('batched_nms: labels must be >= 0')
   order = np.argsort(-np.asarray(scores), kind='stable')
   limit = len(order) if max_output is None else max_output
   if not len(order) or limit <= 0:
