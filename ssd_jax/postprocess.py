@@ -22,9 +22,10 @@ How it stays fast (a trained model, ~4,952 VOC07 test images):
   `max_per_image` boxes are kept; it first looks at the best
   4 * max_per_image candidates of each image and goes through all of them only
   for an image where those hold too few kept boxes;
-* everything is vectorised over the images of a batch (no per-box or
-  per-class Python loops), and chunks of a batch run on a thread pool (numpy
-  releases the GIL inside its loops).
+* the work is vectorised over the images of a batch: no Python loop runs
+  per box or per class; NMS loops over blocks of candidates and over the
+  positions in a block, each step for all images at once. Chunks of a batch
+  run on a thread pool (numpy releases the GIL inside its loops).
 """
 
 import concurrent.futures
@@ -276,12 +277,12 @@ def _detect_batch(cls_logits, bbox_pred, priors, orig_sizes, *, image_size,
     boxes = top_boxes[b][keep[b]]
     if len(kept) < limit and counts[b] > size:
       # Too many suppressed in the prefix: NMS over all of this image's.
-      mine = starts[b] + np.argsort(-score[starts[b]:starts[b] + counts[b]],
-                                    kind='stable')
-      mine_boxes = boxes_of(mine)
-      mine_keep = _greedy_nms(mine_boxes[None], label[mine][None],
-                              nms_threshold, limit)[0]
-      kept, boxes = mine[mine_keep], mine_boxes[mine_keep]
+      order = starts[b] + np.argsort(-score[starts[b]:starts[b] + counts[b]],
+                                     kind='stable')
+      order_boxes = boxes_of(order)
+      order_keep = _greedy_nms(order_boxes[None], label[order][None],
+                               nms_threshold, limit)[0]
+      kept, boxes = order[order_keep], order_boxes[order_keep]
     height, width = orig_sizes[b]
     scale = np.array([width / image_size, height / image_size,
                       width / image_size, height / image_size], np.float32)

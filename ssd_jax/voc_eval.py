@@ -1,8 +1,10 @@
 """PASCAL VOC detection average precision, equal to the reference's evaluator.
 
 The reference (lufficc/SSD) evaluates with a copy of chainercv's
-`eval_detection_voc`; this module computes the same numbers, vectorised per
-image instead of looping over (image, class, prediction):
+`eval_detection_voc`; this module computes the same numbers with array
+operations over the whole dataset (every prediction paired with the ground
+truth of its image and class) instead of Python loops over (image, class,
+prediction):
 
 * boxes are (xmin, ymin, xmax, ymax) in pixels, 0-based (the VOC XML value
   minus 1); both predictions and ground truth get +1 on xmax and ymax (the
@@ -20,9 +22,9 @@ image instead of looping over (image, class, prediction):
   has predictions), and for l = 0 (background); mAP is the NaN-mean.
 
 Ties in score among one image's predictions of one class are visited in
-descending index order (what the reference's `argsort()[::-1]` gives for small
-arrays); pooled over images, the order is the reference's `argsort()[::-1]`
-of the same array.
+descending index order (what the reference's `argsort()[::-1]` gives when
+numpy's sort keeps ties in place, as it does for small arrays); pooled over
+images, the order is the reference's `argsort()[::-1]` of the same array.
 """
 
 import numpy as np
