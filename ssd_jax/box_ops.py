@@ -48,20 +48,25 @@ def pairwise_iou(boxes_a, boxes_b, eps=IOU_EPS):
   """IoU of every box in `boxes_a` with every box in `boxes_b`.
 
   Args:
-    boxes_a: [N, 4] corner form.
-    boxes_b: [M, 4] corner form.
-    eps: added to the union, as the reference's `iou_of` does.
+    boxes_a: [..., N, 4] corner form.
+    boxes_b: [..., M, 4] corner form (leading axes broadcast with boxes_a's).
+    eps: added to the union, as the reference's `iou_of` does (0 gives
+      torchvision's nms arithmetic).
 
   Returns:
-    [N, M] overlap / (area_a + area_b - overlap + eps), no "+1" pixel rule.
+    [..., N, M] overlap / (area_a + area_b - overlap + eps), no "+1" pixel
+    rule. Computed per coordinate (no [N, M, 4] intermediates).
   """
   xp = _xp(boxes_a, boxes_b)
-  a = boxes_a[:, None, :]
-  b = boxes_b[None, :, :]
-  left_top = xp.maximum(a[..., :2], b[..., :2])
-  right_bottom = xp.minimum(a[..., 2:], b[..., 2:])
-  overlap = area(xp.concatenate([left_top, right_bottom], axis=-1))
-  return overlap / (area(a) + area(b) - overlap + eps)
+  a = boxes_a[..., :, None, :]
+  b = boxes_b[..., None, :, :]
+  w = xp.clip(xp.minimum(a[..., 2], b[..., 2]) -
+              xp.maximum(a[..., 0], b[..., 0]), 0, None)
+  h = xp.clip(xp.minimum(a[..., 3], b[..., 3]) -
+              xp.maximum(a[..., 1], b[..., 1]), 0, None)
+  overlap = w * h
+  union = area(boxes_a)[..., :, None] + area(boxes_b)[..., None, :] - overlap
+  return overlap / (union + eps)
 
 
 def encode(boxes, priors, center_variance, size_variance):

@@ -69,25 +69,13 @@ def softmax(logits):
 
 
 def pairwise_iou(boxes_a, boxes_b):
-  """IoU of corner-form boxes [..., N, 4] x [..., M, 4] -> [..., N, M].
+  """IoU [..., N, M] of corner-form boxes [..., N, 4] x [..., M, 4].
 
-  Intersection over union with no "+1" and no eps: the arithmetic of
-  box_ops.pairwise_iou(eps=0) and of torchvision's nms, bit for bit, for boxes
-  with xmax >= xmin and ymax >= ymin. Written per coordinate, with leading
-  batch axes: ~10x faster on NMS-sized matrices than the generic version,
-  which builds [N, M, 4] intermediates.
+  No "+1" and no eps: torchvision's nms arithmetic. 0/0 (two empty boxes)
+  gives NaN, which never suppresses.
   """
-  a = boxes_a[..., :, None, :]
-  b = boxes_b[..., None, :, :]
-  w = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
-  h = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-  inter = np.maximum(w, 0) * np.maximum(h, 0)
-  area_a = ((boxes_a[..., 2] - boxes_a[..., 0])
-            * (boxes_a[..., 3] - boxes_a[..., 1]))
-  area_b = ((boxes_b[..., 2] - boxes_b[..., 0])
-            * (boxes_b[..., 3] - boxes_b[..., 1]))
   with np.errstate(divide='ignore', invalid='ignore'):
-    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
+    return box_ops.pairwise_iou(boxes_a, boxes_b, eps=0.0)
 
 
 def _resolve_blocks(suppress, alive):
