@@ -5,6 +5,7 @@
     W/eval/<dataset>_<step>.json
 """
 
+import json
 import os
 import queue
 import threading
@@ -16,12 +17,14 @@ import numpy as np
 from clu import metric_writers
 
 from ssd_jax import checkpointing
+from ssd_jax import evaluate
 from ssd_jax import metrics_log
 from ssd_jax import models
 from ssd_jax import optim
 from ssd_jax import priors as priors_lib
 from ssd_jax import torch_import
 from ssd_jax import train_lib
+from ssd_jax import visualize
 
 LOGGER_NAME = 'SSD.trainer'
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'ssd_jax')
@@ -97,63 +100,92 @@ def _peak_memory_mib():
 
 
 class Evaluator:
-  """Runs the evaluation of every dataset in config.data.test."""
+  """Evaluates every dataset of config.data.test and reports the results.
 
-  def __init__(self, config, workdir, model_def, mesh, priors, writer, logger):
+  Per dataset: the reference's table in the log, W/eval/<dataset>_<step>.json,
+  TensorBoard scalars `metrics/<dataset>/mAP` (and per class) and a few test
+  images with their detections drawn.
+  """
+
+  def __init__(self, config, workdir, model_def, mesh, priors, writer, logger,
+               num_images_drawn=4):
     self.config = config
     self.workdir = workdir
     self.mesh = mesh
     self.priors = priors
     self.writer = writer
     self.logger = logger
+    self.num_images_drawn = num_images_drawn
     self.predict_step = train_lib.make_predict_step(model_def)
 
   def _predict_fn(self, state):
     if jax.process_count() == 1:
-      # Spread the batch over all (local) devices.
-      def predict(images):
-        return self.predict_step(state, train_lib.global_batch(images,
-                                                               self.mesh))
+      def predict(images):  # spread the batch over all devices
+        return self.predict_step(state,
+                                 train_lib.global_batch(images, self.mesh))
       return predict
     # Several hosts: process 0 evaluates alone on its first device.
     local = jax.tree.map(lambda x: x.addressable_data(0), state)
     return lambda images: self.predict_step(local, images)
 
-  def eval_batch_size(self):
-    devices = len(self.mesh.devices.flat) if jax.process_count() == 1 else 1
+  def _batch_size(self):
+    devices = jax.device_count() if jax.process_count() == 1 else 1
     return -(-self.config.test.batch_size // devices) * devices
 
   def __call__(self, state, step):
-    """Evaluates, logs the table, writes JSON + TensorBoard; returns results."""
-    from ssd_jax import evaluate  # pylint: disable=g-import-not-at-top
+    """Returns {dataset name: evaluate() result} (empty on other hosts)."""
     from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     if jax.process_index() != 0:
       return {}
-    results = {}
     predict = self._predict_fn(state)
     class_names = self.config.data.class_names
+    results = {}
     for name in self.config.data.test:
       batches = pipeline.create_eval_iterator(
-          self.config, name, batch_size=self.eval_batch_size(),
-          process_index=0, process_count=1)
+          self.config, name, batch_size=self._batch_size(), process_index=0,
+          process_count=1)
       result = evaluate.evaluate(predict, batches, self.priors, self.config,
                                  class_names)
       results[name] = result
-      self.logger.info('Evaluating %s (%d images) at iteration %d:\n%s', name,
+      self.logger.info('Evaluation on %s (%d images), iteration %d:\n%s', name,
                        result['num_images'], step,
-                       evaluate.format_result(result, class_names))
-      evaluate.write_result(self.workdir, name, step, result, class_names)
-      scalars = {f'metrics/{name}/mAP': result['map'],
-                 f'metrics/{name}/mAP_area': result['map_area']}
-      for label, ap in enumerate(result['ap']):
-        if label > 0 and np.isfinite(ap):
-          scalars[f'metrics/{name}/{class_names[label]}'] = ap
-      self.writer.write_scalars(step, scalars)
-      images = evaluate.detection_images(result, class_names)
-      if images is not None:
-        self.writer.write_images(step, {f'detections/{name}': images})
-      self.writer.flush()
+                       evaluate.result_text(result, class_names))
+      self._write(name, step, result, class_names)
+      first_batch = next(iter(pipeline.create_eval_iterator(
+          self.config, name, batch_size=self.num_images_drawn,
+          process_index=0, process_count=1)))
+      self.writer.write_images(step, {f'detections/{name}': self._drawings(
+          first_batch, result['detections'][:self.num_images_drawn])})
+    self.writer.flush()
     return results
+
+  def _write(self, name, step, result, class_names):
+    record = evaluate.result_json(result, class_names, step)
+    os.makedirs(os.path.join(self.workdir, 'eval'), exist_ok=True)
+    path = os.path.join(self.workdir, 'eval', f'{name}_{step}.json')
+    with open(path, 'w') as f:
+      json.dump(record, f, indent=1)
+    scalars = {f'metrics/{name}/mAP': result['map'],
+               f'metrics/{name}/mAP_area': result['map_area']}
+    for class_name, ap in record['ap'].items():
+      if ap is not None:
+        scalars[f'metrics/{name}/{class_name}'] = ap
+    self.writer.write_scalars(step, scalars)
+
+  def _drawings(self, batch, detections):
+    """Detections drawn on the network inputs: [N, S, S, 3] uint8."""
+    size = self.config.input.image_size
+    mean = np.asarray(self.config.input.pixel_mean, np.float32)
+    drawn = []
+    for image, orig_size, det in zip(batch['image'], batch['orig_size'],
+                                     detections):
+      pixels = np.clip(np.round(image + mean), 0, 255).astype(np.uint8)
+      height, width = (float(v) for v in orig_size)
+      scale = np.array([size / width, size / height] * 2, np.float32)
+      drawn.append(visualize.draw_detections(
+          pixels, det['boxes'] * scale, det['labels'], det['scores'],
+          self.config.data.class_names))
+    return np.stack(drawn)
 
 
 def train_and_evaluate(config, workdir):
@@ -286,3 +318,33 @@ def _log(logger, writer, config, step, current, meters, max_iter,
       'lr': lr,
       'perf/data_wait_fraction': data_wait_fraction,
   })
+
+
+def evaluate_workdir(config, workdir, step=None):
+  """Restores a checkpoint of `workdir` and evaluates it (eval.py).
+
+  Returns {dataset name: evaluate() result}.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  logger = metrics_log.setup_logger('SSD.inference', write_file=False)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  step = checkpointing.restore_model(checkpointer, model, step)
+  logger.info('Loaded checkpoint %s', os.path.join(checkpointer.directory,
+                                                   str(step)))
+  mesh = train_lib.create_mesh()
+  model_def, params, model_state = train_lib.split_model(model)
+  state = jax.device_put(
+      train_lib.TrainState(step=np.int32(step), params=params,
+                           model_state=model_state, opt_state=None),
+      train_lib.replicated_sharding(mesh))
+  writer = metric_writers.create_default_writer(
+      os.path.join(workdir, 'tf_logs'), just_logging=jax.process_index() > 0)
+  evaluator = Evaluator(config, workdir, model_def, mesh,
+                        priors_lib.generate_priors(config), writer, logger)
+  results = evaluator(state, step)
+  writer.close()
+  checkpointer.close()
+  return results

@@ -1,0 +1,62 @@
+"""Evaluates a trained (or imported) SSD: `python eval.py --workdir=W`.
+
+Restores the latest checkpoint in W (or `--step=N`) with the config saved in
+W, evaluates every dataset of `config.data.test`, prints the reference's table
+and writes W/eval/<dataset>_<step>.json and TensorBoard scalars.
+Config values can be overridden, e.g. `--config.data.voc_root=DIR`; with
+`--config=FILE` the config comes from FILE instead of W.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
+                    'ssd_jax.torch_import.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+
+
+def _flag_value(argv, name):
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _define_config_flag(argv):
+  """--config: a config file if given, else the config saved in the workdir."""
+  if _flag_value(argv, 'config'):
+    config_flags.DEFINE_config_file('config', None, 'Config file.',
+                                    lock_config=True)
+    return
+  workdir = _flag_value(argv, 'workdir')
+  if not workdir:
+    sys.exit('eval.py: --workdir is required')
+  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    config = checkpointing.load_config(workdir)
+  except FileNotFoundError as e:
+    sys.exit(f'eval.py: {e}')
+  config_flags.DEFINE_config_dict('config', config, 'Config (from --workdir).',
+                                  lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required')
+  from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
+  results = trainer.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  if not results:
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  _define_config_flag(sys.argv)
+  app.run(main)
