@@ -1,0 +1,72 @@
+"""Throughput of the compiled eval forward (predict step) on random images.
+
+    python bench/predict_step.py --config=configs/ssd300_voc.py --batch_size=64 \
+        --steps=20 [--config.model.dtype=bfloat16]
+
+Times the device forward only (raw head outputs, no host post-processing;
+bench/eval.py measures that). Imports no TensorFlow. The last line printed is
+one JSON object.
+"""
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from ssd_jax import models
+from ssd_jax import train_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/ssd300_voc.py',
+                                'Model config.', lock_config=True)
+flags.DEFINE_integer('batch_size', 64, 'Images per forward.')
+flags.DEFINE_integer('steps', 20, 'Timed forwards (after 2 warm-up ones).')
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  config.model.backbone.pretrained = ''
+  mesh = train_lib.create_mesh()
+  model = models.create_model(config)
+  model_def, params, model_state = train_lib.split_model(model)
+  state = jax.device_put(
+      train_lib.TrainState(step=np.int32(0), params=params,
+                           model_state=model_state, opt_state=None),
+      train_lib.replicated_sharding(mesh))
+  predict = train_lib.make_predict_step(model_def)
+  size = config.input.image_size
+  images = train_lib.global_batch(
+      np.random.RandomState(0).normal(
+          0, 60, (FLAGS.batch_size, size, size, 3)).astype(np.float32), mesh)
+  start = time.perf_counter()
+  jax.block_until_ready(predict(state, images))
+  compile_seconds = time.perf_counter() - start
+  jax.block_until_ready(predict(state, images))
+  start = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    out = predict(state, images)
+  jax.block_until_ready(out)
+  elapsed = time.perf_counter() - start
+  print(json.dumps({
+      'framework': 'jax', 'what': 'predict_step',
+      'images_per_sec': FLAGS.batch_size * FLAGS.steps / elapsed,
+      'step_ms': 1000 * elapsed / FLAGS.steps,
+      'batch_size': FLAGS.batch_size, 'dtype': config.model.dtype,
+      'compile_s': compile_seconds,
+      'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'jax': jax.__version__,
+  }))
+
+
+if __name__ == '__main__':
+  app.run(main)
