@@ -133,3 +133,52 @@ def test_bfloat16_compute_keeps_float32_params():
   assert float(jnp.abs(cls_bf16.astype(jnp.float32) - cls_f32).max()) < 0.05 * scale
   scale = float(jnp.abs(box_f32).max())
   assert float(jnp.abs(box_bf16.astype(jnp.float32) - box_f32).max()) < 0.05 * scale
+
+
+@pytest.mark.parametrize('kernel,padding,dilation,channels', [
+    (3, 1, 1, (5, 7)), (3, 6, 6, (4, 6)), (1, 0, 1, (6, 3)), (3, 0, 1, (3, 4)),
+    (4, 1, 1, (2, 3))])
+def test_fast_conv_gradients_equal_xla(kernel, padding, dilation, channels):
+  from ssd_jax.models import conv  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  cin, cout = channels
+  x = jnp.asarray(rng.randn(2, 13, 11, cin), jnp.float32)
+  w = jnp.asarray(rng.randn(kernel, kernel, cin, cout), jnp.float32)
+  dims = jax.lax.conv_dimension_numbers(x.shape, w.shape,
+                                        ('NHWC', 'HWIO', 'NHWC'))
+  pads = ((padding, padding), (padding, padding))
+
+  def loss(conv_fn, x, w):
+    y = conv_fn(x, w, (1, 1), pads, rhs_dilation=(dilation, dilation),
+                dimension_numbers=dims)
+    return jnp.sum(jnp.sin(y))
+
+  ours = jax.jit(jax.grad(lambda x, w: loss(conv.conv_general_dilated, x, w),
+                          argnums=(0, 1)))(x, w)
+  xla = jax.jit(jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w),
+                         argnums=(0, 1)))(x, w)
+  for a, b in zip(ours, xla):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize('size,ceil_mode', [(12, False), (75, True), (9, True),
+                                            (9, False)])
+def test_tiled_max_pool_gradient_equals_xla(size, ceil_mode):
+  rng = np.random.RandomState(1)
+  x = jnp.asarray(rng.randn(2, size, size, 3), jnp.float32)
+  x = x.at[0, 0, 0, 0].set(x[0, 0, 1, 0])  # a tie: the first one gets it
+
+  def reference(x):
+    out = -(-(size - 2) // 2) + 1 if ceil_mode else (size - 2) // 2 + 1
+    extra = max((out - 1) * 2 + 2 - size, 0) if ceil_mode else 0
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                 (1, 2, 2, 1),
+                                 ((0, 0), (0, extra), (0, extra), (0, 0)))
+
+  ours = vgg.max_pool(x, 2, 2, ceil_mode=ceil_mode)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(reference(x)))
+  grad = jax.grad(lambda x: jnp.sum(vgg.max_pool(x, 2, 2, ceil_mode=ceil_mode)
+                                    * jnp.arange(1.0, 4.0)))(x)
+  expected = jax.grad(lambda x: jnp.sum(reference(x) * jnp.arange(1.0, 4.0)))(x)
+  np.testing.assert_array_equal(np.asarray(grad), np.asarray(expected))

@@ -3,11 +3,14 @@
 All modules take and return NHWC activations. Convolution kernels are HWIO.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from ssd_jax.models import conv
 
 # VGG16 convolutions up to conv5_3: widths, 'M' = 2x2/2 max-pool (floor),
 # 'C' = 2x2/2 max-pool with ceil mode (pool3, so that 75 -> 38 for SSD300).
@@ -40,10 +43,59 @@ def max_pool(x, window, stride, padding=0, ceil_mode=False):
       out = -(-(n + 2 * padding - window) // stride) + 1
       extra = max((out - 1) * stride + window - (n + 2 * padding), 0)
     pads.append((padding, padding + extra))
-  return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max,
-      (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), pads[0], pads[1], (0, 0)))
+  pads = ((0, 0), pads[0], pads[1], (0, 0))
+  if window == stride and padding == 0:
+    return _tiled_max_pool(x, window, pads)
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
+                               (1, window, window, 1),
+                               (1, stride, stride, 1), pads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _tiled_max_pool(x, window, pads):
+  """Max pooling over non-overlapping window x window tiles.
+
+  Same values as reduce_window; its gradient goes to the first maximum of
+  each tile in row-major order (as PyTorch's), computed with a one-hot
+  instead of XLA's select-and-scatter, which is slow on CPU.
+  """
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
+                               (1, window, window, 1),
+                               (1, window, window, 1), pads)
+
+
+def _tiled_max_pool_fwd(x, window, pads):
+  return _tiled_max_pool(x, window, pads), x
+
+
+def _tiled_max_pool_bwd(window, pads, x, dy):
+  batch, out_h, out_w, channels = dy.shape
+  padded = jnp.pad(x, pads, constant_values=-jnp.inf)
+  padded = padded[:, :out_h * window, :out_w * window]
+  tiles = padded.reshape(batch, out_h, window, out_w, window, channels)
+  tiles = tiles.transpose(0, 1, 3, 2, 4, 5).reshape(
+      batch, out_h, out_w, window * window, channels)
+  first_max = jnp.argmax(tiles, axis=3)
+  one_hot = (jnp.arange(window * window)[:, None] ==
+             first_max[:, :, :, None, :])
+  dx = jnp.where(one_hot, dy[:, :, :, None, :], 0).astype(dy.dtype)
+  dx = dx.reshape(batch, out_h, out_w, window, window, channels)
+  dx = dx.transpose(0, 1, 3, 2, 4, 5).reshape(
+      batch, out_h * window, out_w * window, channels)
+  dx = jnp.pad(dx, ((0, 0), (0, _uncovered_rows(pads[1], x.shape[1], out_h,
+                                            window)),
+                    (0, _uncovered_rows(pads[2], x.shape[2], out_w, window)),
+                    (0, 0)))
+  (top, _), (left, _) = pads[1], pads[2]
+  return (dx[:, top:top + x.shape[1], left:left + x.shape[2]],)
+
+
+def _uncovered_rows(pad, size, out, window):
+  """Rows of the padded input that no tile covers (the floor-mode remainder)."""
+  return pad[0] + size + pad[1] - out * window
+
+
+_tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
 
 
 class L2Norm(nnx.Module):
@@ -82,7 +134,7 @@ class VGGBackbone(nnx.Module):
     specs.append((fc_width, fc_width, 1, 0, 1))  # conv7
     self.vgg = nnx.List([
         nnx.Conv(i, o, (k, k), padding=((p, p), (p, p)),
-                 kernel_dilation=(d, d), dtype=dtype,
+                 kernel_dilation=(d, d), dtype=dtype, conv_general_dilated=conv.conv_general_dilated,
                  kernel_init=torch_default_conv_init(i * k * k),
                  bias_init=torch_default_conv_init(i * k * k), rngs=rngs)
         for i, o, k, p, d in specs])
@@ -130,11 +182,13 @@ class Extras(nnx.Module):
     for mid, out, kernel, stride, padding in specs:
       convs.append(nnx.Conv(
           in_channels, mid, (1, 1), dtype=dtype,
+          conv_general_dilated=conv.conv_general_dilated,
           kernel_init=nnx.initializers.xavier_uniform(),
           bias_init=nnx.initializers.zeros_init(), rngs=rngs))
       convs.append(nnx.Conv(
           mid, out, (kernel, kernel), strides=(stride, stride),
           padding=((padding, padding), (padding, padding)), dtype=dtype,
+          conv_general_dilated=conv.conv_general_dilated,
           kernel_init=nnx.initializers.xavier_uniform(),
           bias_init=nnx.initializers.zeros_init(), rngs=rngs))
       in_channels = out
