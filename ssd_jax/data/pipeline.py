@@ -46,9 +46,10 @@ class DataStats:
     self._failed = set()
     self._lock = threading.Lock()
 
-  def add_decode_failures(self, image_keys):
+  def add_decode_failures(self, examples):
+    """Counts the examples (indices into the index) that failed, once each."""
     with self._lock:
-      new = set(image_keys) - self._failed
+      new = set(examples) - self._failed
       self._failed |= new
       self._counts.skipped['decode_error'] += len(new)
 
@@ -263,8 +264,7 @@ class TrainIterator:
     failed = batch.pop('failed')
     examples = batch.pop('example')
     if failed.any():
-      self.stats.add_decode_failures(
-          self._index.image_ids[examples[failed]].tolist())
+      self.stats.add_decode_failures(examples[failed].tolist())
     return batch
 
 
@@ -370,8 +370,7 @@ class EvalIterable:
     examples = batch['example']
     failed = batch['failed']
     if failed.any():
-      self.stats.add_decode_failures(
-          self._index.image_ids[examples[failed]].tolist())
+      self.stats.add_decode_failures(examples[failed].tolist())
     n, b = len(examples), self._batch
     boxes, labels, difficult, mask = self._ground_truth(examples)
     out = {
