@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from configs import ssd300_voc
 from ssd_jax.data import pipeline
@@ -79,15 +80,20 @@ def test_stream_is_a_function_of_seed_and_step(shapes_root):
   assert not np.array_equal(other['image'], stream[0]['image'])
 
 
-def test_epochs_are_permutations(shapes_root):
-  it = pipeline.TrainIterator(_config(shapes_root))
-  positions = np.arange(28)
-  examples = [it._step_inputs(s)[1] for s in range(7)]  # pylint: disable=protected-access
+def test_epochs_are_permutations():
+  examples = [pipeline.step_examples(
+      tf.constant(7, tf.int64), s, global_batch=4, host_offset=0, batch=4,
+      n=14)[1].numpy() for s in range(7)]
   examples = np.concatenate(examples)
   assert sorted(examples[:14]) == list(range(14))
   assert sorted(examples[14:]) == list(range(14))
   assert not np.array_equal(examples[:14], examples[14:])
-  del positions
+  # A batch larger than the dataset spans several epochs.
+  positions, examples = pipeline.step_examples(
+      tf.constant(7, tf.int64), 1, global_batch=8, host_offset=0, batch=8,
+      n=3)
+  assert positions.numpy().tolist() == list(range(8, 16))
+  assert sorted(examples.numpy()[1:4]) == [0, 1, 2]  # positions 9..11
 
 
 def test_hosts_get_disjoint_slices_of_the_global_batch(shapes_root):

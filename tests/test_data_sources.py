@@ -94,6 +94,20 @@ def test_tfds_backend_equals_folder_backend(tmp_path, monkeypatch):
     for i in range(len(from_folder)):  # the same encoded images
       assert from_tfds.blobs[i] == voc_testing.read(from_folder.paths[i])
 
+  # And so the same training stream.
+  from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = ssd300_voc.get_config()
+  config.data.train = ('voc_2007_trainval',)
+  config.data.max_boxes = 6
+  config.solver.batch_size = 4
+  config.input.image_size = 64
+  config.data.voc_root, config.data.tfds_data_dir = root, ''
+  from_folder = next(pipeline.create_train_iterator(config, start_step=2))
+  config.data.voc_root, config.data.tfds_data_dir = '', data_dir
+  from_tfds = next(pipeline.create_train_iterator(config, start_step=2))
+  for key in from_folder:
+    np.testing.assert_array_equal(from_tfds[key], from_folder[key])
+
 
 @pytest.fixture(scope='module')
 def bad_root(tmp_path_factory):

@@ -115,24 +115,22 @@ def _with_fallback(ds, fn, fallback, num_parallel_calls):
 
 
 class _TrainIndex:
-  """The training view of an index, padded per example for fast batching.
+  """The training view of an index: the boxes the augmentation sees.
 
   Difficult and zero-area boxes are dropped and at most max_boxes kept per
   image (the first ones), as counted in `counts`.
 
   Attributes:
-    boxes: float32 [N, M, 4] pixel boxes; labels: int32 [N, M]; mask: bool
-      [N, M]; counts: sources.Counts.
+    boxes: float32 [K, 4] pixel boxes; labels: int32 [K]; row_splits: int64
+      [N + 1] (the boxes of example i are rows row_splits[i]:row_splits[i+1]);
+      counts: sources.Counts.
   """
 
   def __init__(self, index, max_boxes):
     counts = sources.Counts().merge(index.counts)
-    n = len(index)
-    self.boxes = np.zeros([n, max_boxes, 4], np.float32)
-    self.labels = np.zeros([n, max_boxes], np.int32)
-    self.mask = np.zeros([n, max_boxes], bool)
-    for i in range(n):
-      boxes, labels, difficult = index.objects(i)
+    rows, num = [], []
+    for i in range(len(index)):
+      boxes, _, difficult = index.objects(i)
       zero = ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1]))
       counts.fixed['box_zero_area'] += int((zero & ~difficult).sum())
       keep = np.flatnonzero(~difficult & ~zero)
@@ -141,15 +139,36 @@ class _TrainIndex:
         keep = keep[:max_boxes]
       if not len(keep):
         counts.fixed['no_objects'] += 1
-      k = len(keep)
-      self.boxes[i, :k] = boxes[keep]
-      self.labels[i, :k] = labels[keep]
-      self.mask[i, :k] = True
+      rows.append(index.row_splits[i] + keep)
+      num.append(len(keep))
+    rows = np.concatenate(rows).astype(np.int64)
+    self.boxes = index.boxes[rows].reshape(-1, 4)
+    self.labels = index.labels[rows]
+    self.row_splits = np.concatenate([[0], np.cumsum(num)]).astype(np.int64)
     self.counts = counts
 
 
-def _epoch_permutation(seed, epoch, n):
-  return np.random.default_rng([seed, epoch, 0x55D]).permutation(n)
+def step_examples(seed, step, *, global_batch, host_offset, batch, n):
+  """Positions and example indices of one host's share of one step.
+
+  The stream is one stateless permutation of the n examples per epoch,
+  epoch e seeded by (seed, e); step s takes positions s*B .. s*B+B-1 of it
+  (B = global_batch) and this host the `batch` positions from host_offset.
+
+  Returns:
+    (positions, examples), int64 [batch] each.
+  """
+  positions = (tf.cast(step, tf.int64) * global_batch + host_offset +
+               tf.range(batch, dtype=tf.int64))
+  epochs, offsets = positions // n, positions % n
+  unique, which = tf.unique(epochs)
+  perms = tf.map_fn(
+      lambda e: tf.random.experimental.stateless_shuffle(
+          tf.range(n, dtype=tf.int64), tf.stack([seed, e])),
+      unique, fn_output_signature=tf.TensorSpec([n], tf.int64))
+  examples = tf.gather_nd(perms, tf.stack(
+      [tf.cast(which, tf.int64), offsets], axis=1))
+  return positions, examples
 
 
 class TrainIterator:
@@ -181,28 +200,8 @@ class TrainIterator:
     self._index = index
     self._train = _TrainIndex(index, config.data.max_boxes)
     self.stats = DataStats(self._train.counts)
-    self._permutation = (-1, None)
-    self._lock = threading.Lock()
     self._dataset = self._build(config, start_step)
     self._iterator = iter(self._dataset.as_numpy_iterator())
-
-  def _step_inputs(self, step):
-    """Host side of one step: which examples, and their annotations."""
-    n = len(self._index)
-    positions = (int(step) * self._global_batch + self._host_offset +
-                 np.arange(self._batch, dtype=np.int64))
-    examples = np.empty_like(positions)
-    with self._lock:
-      for k, position in enumerate(positions):
-        epoch, offset = divmod(int(position), n)
-        if epoch != self._permutation[0]:
-          self._permutation = (epoch,
-                               _epoch_permutation(self._seed, epoch, n))
-        examples[k] = self._permutation[1][offset]
-    t = self._train
-    return (positions, examples, t.boxes[examples], t.labels[examples],
-            t.mask[examples], self._index.sizes[examples],
-            self._index.is_jpeg[examples])
 
   def _build(self, config, start_step):
     b, m = self._batch, config.data.max_boxes
@@ -211,13 +210,26 @@ class TrainIterator:
     read = sources.image_reader(self._index)
     seed = tf.constant(self._seed, tf.int64)
 
+    train, index = self._train, self._index
+    boxes_table = tf.RaggedTensor.from_row_splits(train.boxes,
+                                                  train.row_splits)
+    labels_table = tf.RaggedTensor.from_row_splits(train.labels,
+                                                   train.row_splits)
+    sizes_table = tf.constant(index.sizes)
+    is_jpeg_table = tf.constant(index.is_jpeg)
+    steps = functools.partial(
+        step_examples, seed, global_batch=self._global_batch,
+        host_offset=self._host_offset, batch=b, n=len(index))
+
     def step_inputs(step):
-      out = tf.numpy_function(
-          self._step_inputs, [step],
-          [tf.int64, tf.int64, tf.float32, tf.int32, tf.bool, tf.int32,
-           tf.bool], stateful=False)
-      shapes = ([b], [b], [b, m, 4], [b, m], [b, m], [b, 2], [b])
-      return tuple(tf.ensure_shape(x, s) for x, s in zip(out, shapes))
+      positions, examples = steps(step)
+      boxes = tf.gather(boxes_table, examples)
+      labels = tf.gather(labels_table, examples)
+      mask = tf.sequence_mask(boxes.row_lengths(), m)
+      return (positions, examples, boxes.to_tensor(shape=[b, m, 4]),
+              labels.to_tensor(shape=[b, m]), mask,
+              tf.gather(sizes_table, examples),
+              tf.gather(is_jpeg_table, examples))
 
     def geometry(positions, examples, boxes, labels, mask, sizes, is_jpeg):
       u = tf.map_fn(lambda g: augment.draw_uniforms(tf.stack([seed, g])),

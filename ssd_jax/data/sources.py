@@ -450,7 +450,8 @@ def tfds_index(dataset_name, class_names, data_dir=''):
   ImageSets order), so both backends give the same index.
 
   Holds the encoded images in host memory (about 1.7 GB for VOC07+12
-  trainval): TFDS's record files are not random access.
+  trainval, twice that while a pipeline reads them): TFDS's record files
+  are not random access.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name, splits = _tfds_split(dataset_name)
@@ -516,14 +517,17 @@ def load_indices(config, dataset_names):
 
 
 def image_reader(index):
-  """A TF function: example number (int64 scalar) -> encoded image bytes."""
+  """A TF function: example number (int64 scalar) -> encoded image bytes.
+
+  Pure graph ops (no Python inside tf.data): file reads for the folder
+  backend, a hash table of the in-memory bytes for TFDS.
+  """
   if index.paths is not None:
     paths = tf.constant(index.paths)
     return lambda i: tf.io.read_file(tf.gather(paths, i))
-  blobs = index.blobs
-
-  def read(i):
-    data = tf.numpy_function(lambda j: np.array(blobs[j], dtype=object), [i],
-                             tf.string, stateful=False)
-    return tf.ensure_shape(data, [])
-  return read
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          tf.range(len(index), dtype=tf.int64),
+          tf.constant(list(index.blobs), dtype=tf.string)),
+      default_value=b'')
+  return table.lookup
