@@ -16,13 +16,14 @@ exactly the batches an uninterrupted run would have seen. Each host takes its
 own contiguous slice of every global batch.
 
 Bad input never stops a run. Examples whose image or annotation is unusable
-are left out when the index is built (sources.py), and an image that still
-fails to decode inside tf.data becomes an empty example (a mean-grey image
-with no boxes, which adds nothing to the loss; in eval, valid=False) at the
-same position, so batches keep their composition. Everything is counted in
-`iterator.stats`.
+are left out when the index is built (sources.py). An image that still fails
+to decode inside tf.data is replaced, in its own batch, by an empty example
+(a mean-grey image with no boxes, which adds nothing to the loss; in eval,
+valid=False), so every batch keeps its step's examples. Everything is
+counted in `iterator.stats`.
 """
 
+import collections
 import functools
 import threading
 
@@ -247,20 +248,35 @@ class TrainIterator:
           image_size=image_size, pixel_mean=pixel_mean)
       return {'image': image, 'boxes': x['boxes'], 'labels': x['labels'],
               'mask': x['mask'], 'example': x['example'],
-              'failed': tf.constant(False)}
+              'step_examples': x['step_examples']}
 
-    def empty(x):
+    def empty(step_examples):
       return {'image': tf.zeros([image_size, image_size, 3], tf.float32),
               'boxes': tf.zeros([m, 4], tf.float32),
               'labels': tf.zeros([m], tf.int32),
-              'mask': tf.zeros([m], tf.bool), 'example': x['example'],
-              'failed': tf.constant(True)}
+              'mask': tf.zeros([m], tf.bool),
+              'example': tf.constant(-1, tf.int64),
+              'step_examples': step_examples}
+
+    num_parallel_calls = _num_parallel_calls(config)
+
+    def one_step(x):
+      # Images that fail to decode are dropped (tf.data cannot catch an op
+      # error otherwise) and the step is topped up with empty images, so
+      # every batch still holds its own step's examples.
+      x['step_examples'] = tf.tile(x['example'][None], [b, 1])
+      rendered = tf.data.Dataset.from_tensor_slices(x).map(
+          render, num_parallel_calls=num_parallel_calls,
+          deterministic=True).ignore_errors()
+      empties = tf.data.Dataset.from_tensors(
+          empty(x['example'])).repeat(b)
+      return rendered.concatenate(empties).take(b)
 
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
     ds = ds.map(step_inputs)
     ds = ds.map(geometry, num_parallel_calls=2, deterministic=True)
-    ds = ds.unbatch()
-    ds = _with_fallback(ds, render, empty, _num_parallel_calls(config))
+    ds = ds.interleave(one_step, cycle_length=2, block_length=b,
+                       num_parallel_calls=2, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
     ds = ds.prefetch(config.data.prefetch or tf.data.AUTOTUNE)
     options = tf.data.Options()
@@ -273,10 +289,12 @@ class TrainIterator:
   def __next__(self):
     batch = next(self._iterator)
     self.step += 1
-    failed = batch.pop('failed')
     examples = batch.pop('example')
-    if failed.any():
-      self.stats.add_decode_failures(examples[failed].tolist())
+    expected = batch.pop('step_examples')[0]
+    if (examples < 0).any():  # which examples were replaced
+      missing = collections.Counter(expected.tolist())
+      missing.subtract(examples.tolist())
+      self.stats.add_decode_failures(+missing)
     return batch
 
 
