@@ -302,3 +302,22 @@ def test_eager_equals_tf_data():
   for want, got in zip(eager, ds.as_numpy_iterator()):
     for key in want:
       np.testing.assert_array_equal(want[key].numpy(), got[key], err_msg=key)
+
+
+@pytest.mark.parametrize('mode,image_format,tolerance', [
+    ('RGB', 'JPEG', 0), ('L', 'JPEG', 0), ('CMYK', 'JPEG', 8),
+    ('RGB', 'PNG', 0), ('P', 'PNG', 0), ('RGBA', 'PNG', 0)])
+def test_decoding_matches_pil_rgb(mode, image_format, tolerance):
+  """Our decode equals the reference's PIL `.convert('RGB')`."""
+  image = Image.fromarray(_smooth_image(40, 56, 8)).convert(mode)
+  buf = io.BytesIO()
+  image.save(buf, image_format)
+  data = buf.getvalue()
+  want = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.int32)
+  got = augment.decode_image(tf.constant(data),
+                             tf.constant(image_format == 'JPEG')).numpy()
+  assert np.abs(got.astype(np.int32) - want).max() <= tolerance
+  window = augment.decode_window(
+      tf.constant(data), tf.constant(image_format == 'JPEG'),
+      tf.constant([40, 56]), tf.constant([5, 7, 20, 30])).numpy()
+  np.testing.assert_array_equal(window, got[5:25, 7:37])

@@ -187,16 +187,24 @@ def test_bad_images_never_stop_training_or_eval(tmp_path):
   voc_testing.reencode(voc_testing.paths(root, '000002')[0], 'L')
   voc_testing.reencode(voc_testing.paths(root, '000003')[0], 'CMYK')
   voc_testing.reencode(voc_testing.paths(root, '000004')[0], 'RGB', 'PNG')
+  _, xml = voc_testing.paths(root, '000005')
+  text = voc_testing.read(xml, 'r')
+  voc_testing.write(xml, text[:text.index('<object>')] + '</annotation>')
   config = _config(root, batch_size=3)
   it = pipeline.create_train_iterator(config)
-  failed = 0
+  failed = background = 0
   for batch in _take(it, 4):  # two epochs
-    blank = ~batch['mask'].any(axis=1) & ~batch['image'].any(axis=(1, 2, 3))
+    no_boxes = ~batch['mask'].any(axis=1)
+    blank = no_boxes & ~batch['image'].any(axis=(1, 2, 3))
     failed += blank.sum()
+    background += (no_boxes & ~blank).sum()
     assert np.isfinite(batch['image']).all()
-  assert failed == 2  # the broken image, once per epoch, as background
-  assert it.stats.summary().startswith(
-      'skipped 1 of 6 examples (decode_error: 1)')
+  assert failed == 2  # the broken image, once per epoch, empty
+  assert background == 2  # the image without objects, once per epoch
+  summary = it.stats.summary()
+  assert summary.startswith('skipped 1 of 6 examples (decode_error: 1); ')
+  assert 'no_objects: 1' in summary and 'converted_to_rgb: 2' in summary
+  assert 'not_jpeg: 1' in summary
   batches = list(pipeline.create_eval_iterator(config, 'voc_2007_trainval',
                                                batch_size=3))
   valid = np.concatenate([b['valid'] for b in batches])
