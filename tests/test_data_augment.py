@@ -304,14 +304,15 @@ def test_eager_equals_tf_data():
       np.testing.assert_array_equal(want[key].numpy(), got[key], err_msg=key)
 
 
-@pytest.mark.parametrize('mode,image_format,tolerance', [
-    ('RGB', 'JPEG', 0), ('L', 'JPEG', 0), ('CMYK', 'JPEG', 8),
-    ('RGB', 'PNG', 0), ('P', 'PNG', 0), ('RGBA', 'PNG', 0)])
-def test_decoding_matches_pil_rgb(mode, image_format, tolerance):
+@pytest.mark.parametrize('mode,image_format,tolerance,options', [
+    ('RGB', 'JPEG', 0, {}), ('RGB', 'JPEG', 0, {'progressive': True}),
+    ('L', 'JPEG', 0, {}), ('CMYK', 'JPEG', 8, {}), ('RGB', 'PNG', 0, {}),
+    ('P', 'PNG', 0, {}), ('RGBA', 'PNG', 0, {})])
+def test_decoding_matches_pil_rgb(mode, image_format, tolerance, options):
   """Our decode equals the reference's PIL `.convert('RGB')`."""
   image = Image.fromarray(_smooth_image(40, 56, 8)).convert(mode)
   buf = io.BytesIO()
-  image.save(buf, image_format)
+  image.save(buf, image_format, **options)
   data = buf.getvalue()
   want = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.int32)
   got = augment.decode_image(tf.constant(data),
