@@ -153,8 +153,10 @@ def step_examples(seed, step, *, global_batch, host_offset, batch, n):
   """Positions and example indices of one host's share of one step.
 
   The stream is one stateless permutation of the n examples per epoch,
-  epoch e seeded by (seed, e); step s takes positions s*B .. s*B+B-1 of it
-  (B = global_batch) and this host the `batch` positions from host_offset.
+  epoch e seeded by (seed, -1 - e) (examples' augmentation seeds are
+  (seed, position >= 0), so the two never share a key); step s takes
+  positions s*B .. s*B+B-1 of it (B = global_batch) and this host the
+  `batch` positions from host_offset.
 
   Returns:
     (positions, examples), int64 [batch] each.
@@ -165,7 +167,7 @@ def step_examples(seed, step, *, global_batch, host_offset, batch, n):
   unique, which = tf.unique(epochs)
   perms = tf.map_fn(
       lambda e: tf.random.experimental.stateless_shuffle(
-          tf.range(n, dtype=tf.int64), tf.stack([seed, e])),
+          tf.range(n, dtype=tf.int64), tf.stack([seed, -1 - e])),
       unique, fn_output_signature=tf.TensorSpec([n], tf.int64))
   examples = tf.gather_nd(perms, tf.stack(
       [tf.cast(which, tf.int64), offsets], axis=1))
