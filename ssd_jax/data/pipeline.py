@@ -1,0 +1,437 @@
+"""Train and eval input pipelines: what the trainer and the evaluator call.
+
+    it = create_train_iterator(config, start_step=0)
+    batch = next(it)        # numpy dict, global step start_step + 0
+    logging.info(it.stats.summary())
+
+    for batch in create_eval_iterator(config, 'voc_2007_test', batch_size=10):
+      ...
+
+The train stream is a pure function of (config.seed, step): the examples of
+step s are positions s*B .. s*B+B-1 of an endless sequence made of one seeded
+permutation of the dataset per epoch, and an example's augmentation is seeded
+by (config.seed, its position). A run resumed at step s builds the index
+permutations and starts at position s*B, decoding nothing before it, and sees
+exactly the batches an uninterrupted run would have seen. Each host takes its
+own contiguous slice of every global batch.
+
+Bad input never stops a run. Examples whose image or annotation is unusable
+are left out when the index is built (sources.py). An image that still fails
+to decode inside tf.data is replaced, in its own batch, by an empty example
+(a mean-grey image with no boxes, which adds nothing to the loss; in eval,
+valid=False), so every batch keeps its step's examples. Everything is
+counted in `iterator.stats`.
+"""
+
+import collections
+import functools
+import threading
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from ssd_jax.data import augment
+from ssd_jax.data import sources
+
+
+class DataStats:
+  """Counts of skipped examples and fixed annotations of one iterator.
+
+  Index-time counts come from building the index; decode failures inside
+  tf.data are added as batches arrive (each failing image counted once).
+  """
+
+  def __init__(self, index_counts):
+    self._counts = sources.Counts().merge(index_counts)
+    self._failed = set()
+    self._lock = threading.Lock()
+
+  def add_decode_failures(self, examples):
+    """Counts the examples (indices into the index) that failed, once each."""
+    with self._lock:
+      new = set(examples) - self._failed
+      self._failed |= new
+      self._counts.skipped['decode_error'] += len(new)
+
+  @property
+  def counts(self):
+    return self._counts
+
+  def summary(self):
+    """`skipped N of M examples (reason: count, ...)[; fixed (...)]`."""
+    with self._lock:
+      return self._counts.summary()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_index(voc_root, tfds_data_dir, class_names, dataset_name):
+  if voc_root:
+    return sources.folder_index(voc_root, dataset_name, class_names)
+  return sources.tfds_index(dataset_name, class_names, tfds_data_dir)
+
+
+def load_index(config, dataset_name):
+  """The (cached) index of one dataset; see sources.load_index."""
+  return _cached_index(config.data.voc_root, config.data.tfds_data_dir,
+                       tuple(config.data.class_names), dataset_name)
+
+
+def num_examples(config, dataset_name):
+  """Number of usable examples of `dataset_name` (after skipping bad ones)."""
+  return len(load_index(config, dataset_name))
+
+
+def _per_host_batch(batch_size, process_count):
+  if batch_size % process_count:
+    raise ValueError(f'batch size {batch_size} is not divisible by the '
+                     f'number of processes {process_count}')
+  return batch_size // process_count
+
+
+def _num_parallel_calls(config):
+  n = config.data.num_parallel_calls
+  return tf.data.AUTOTUNE if n is None or n < 0 else n
+
+
+def _with_fallback(ds, fn, fallback, num_parallel_calls):
+  """ds.map(fn), with `fallback` for the elements on which fn raises.
+
+  tf.data cannot catch an op error inside a map function; each element runs
+  in its own one-element dataset whose errors are ignored, followed by the
+  fallback element, and the first of the two is taken.
+  """
+
+  def guarded(*args):
+    one = tf.data.Dataset.from_tensors(args if len(args) > 1 else args[0])
+    primary = one.map(fn).ignore_errors()
+    return primary.concatenate(one.map(fallback)).take(1)
+
+  return ds.interleave(guarded, cycle_length=None, block_length=1,
+                       num_parallel_calls=num_parallel_calls,
+                       deterministic=True)
+
+
+# ------------------------------------------------------------------- train ---
+
+
+class _TrainIndex:
+  """The training view of an index: the boxes the augmentation sees.
+
+  Difficult and zero-area boxes are dropped and at most max_boxes kept per
+  image (the first ones), as counted in `counts`.
+
+  Attributes:
+    boxes: float32 [K, 4] pixel boxes; labels: int32 [K]; row_splits: int64
+      [N + 1] (the boxes of example i are rows row_splits[i]:row_splits[i+1]);
+      counts: sources.Counts.
+  """
+
+  def __init__(self, index, max_boxes):
+    counts = sources.Counts().merge(index.counts)
+    rows, num = [], []
+    for i in range(len(index)):
+      boxes, _, difficult = index.objects(i)
+      zero = ((boxes[:, 2] == boxes[:, 0]) | (boxes[:, 3] == boxes[:, 1]))
+      counts.fixed['box_zero_area'] += int((zero & ~difficult).sum())
+      keep = np.flatnonzero(~difficult & ~zero)
+      if len(keep) > max_boxes:
+        counts.fixed['too_many_boxes'] += 1
+        keep = keep[:max_boxes]
+      if not len(keep):
+        counts.fixed['no_objects'] += 1
+      rows.append(index.row_splits[i] + keep)
+      num.append(len(keep))
+    rows = np.concatenate(rows).astype(np.int64)
+    self.boxes = index.boxes[rows].reshape(-1, 4)
+    self.labels = index.labels[rows]
+    self.row_splits = np.concatenate([[0], np.cumsum(num)]).astype(np.int64)
+    self.counts = counts
+
+
+def step_examples(seed, step, *, global_batch, host_offset, batch, n):
+  """Positions and example indices of one host's share of one step.
+
+  The stream is one stateless permutation of the n examples per epoch,
+  epoch e seeded by (seed, -1 - e) (examples' augmentation seeds are
+  (seed, position >= 0), so the two never share a key); step s takes
+  positions s*B .. s*B+B-1 of it (B = global_batch) and this host the
+  `batch` positions from host_offset.
+
+  Returns:
+    (positions, examples), int64 [batch] each.
+  """
+  positions = (tf.cast(step, tf.int64) * global_batch + host_offset +
+               tf.range(batch, dtype=tf.int64))
+  epochs, offsets = positions // n, positions % n
+  unique, which = tf.unique(epochs)
+  perms = tf.map_fn(
+      lambda e: tf.random.experimental.stateless_shuffle(
+          tf.range(n, dtype=tf.int64), tf.stack([seed, -1 - e])),
+      unique, fn_output_signature=tf.TensorSpec([n], tf.int64))
+  examples = tf.gather_nd(perms, tf.stack(
+      [tf.cast(which, tf.int64), offsets], axis=1))
+  return positions, examples
+
+
+class TrainIterator:
+  """Endless iterator of this host's training batches (numpy dicts).
+
+  The k-th batch is global step start_step + k. Keys: `image` float32
+  [b, S, S, 3] (RGB, mean-subtracted), `boxes` float32 [b, M, 4] corner form
+  in [0, 1], `labels` int32 [b, M] (0 = padding), `mask` bool [b, M], with
+  b = solver.batch_size // process_count, S = input.image_size,
+  M = data.max_boxes. `stats` counts skipped examples and fixes.
+  """
+
+  def __init__(self, config, *, start_step=0, process_index=None,
+               process_count=None):
+    process_index = (jax.process_index() if process_index is None else
+                     process_index)
+    process_count = (jax.process_count() if process_count is None else
+                     process_count)
+    self._global_batch = config.solver.batch_size
+    self._batch = _per_host_batch(self._global_batch, process_count)
+    self._host_offset = process_index * self._batch
+    self._seed = int(config.seed)
+    self.step = start_step
+    index = sources.Index.concatenate(
+        [load_index(config, name) for name in config.data.train])
+    if not len(index):
+      raise ValueError(f'no usable training examples in {config.data.train}: '
+                       f'{index.counts.summary()}')
+    self._index = index
+    self._train = _TrainIndex(index, config.data.max_boxes)
+    self.stats = DataStats(self._train.counts)
+    self._dataset = self._build(config, start_step)
+    self._iterator = iter(self._dataset.as_numpy_iterator())
+
+  def _build(self, config, start_step):
+    b, m = self._batch, config.data.max_boxes
+    image_size = config.input.image_size
+    pixel_mean = tuple(float(v) for v in config.input.pixel_mean)
+    read = sources.image_reader(self._index)
+    seed = tf.constant(self._seed, tf.int64)
+
+    train, index = self._train, self._index
+    boxes_table = tf.RaggedTensor.from_row_splits(train.boxes,
+                                                  train.row_splits)
+    labels_table = tf.RaggedTensor.from_row_splits(train.labels,
+                                                   train.row_splits)
+    sizes_table = tf.constant(index.sizes)
+    is_jpeg_table = tf.constant(index.is_jpeg)
+    steps = functools.partial(
+        step_examples, seed, global_batch=self._global_batch,
+        host_offset=self._host_offset, batch=b, n=len(index))
+
+    def step_inputs(step):
+      positions, examples = steps(step)
+      boxes = tf.gather(boxes_table, examples)
+      labels = tf.gather(labels_table, examples)
+      mask = tf.sequence_mask(boxes.row_lengths(), m)
+      return (positions, examples, boxes.to_tensor(shape=[b, m, 4]),
+              labels.to_tensor(shape=[b, m]), mask,
+              tf.gather(sizes_table, examples),
+              tf.gather(is_jpeg_table, examples))
+
+    def geometry(positions, examples, boxes, labels, mask, sizes, is_jpeg):
+      u = tf.map_fn(lambda g: augment.draw_uniforms(tf.stack([seed, g])),
+                    positions, fn_output_signature=tf.TensorSpec(
+                        [augment.NUM_UNIFORMS], tf.float32))
+      geo = augment.geometry_batch(u, boxes, mask, sizes)
+      labels = tf.where(geo['mask'],
+                        tf.gather(labels, geo['order'], batch_dims=1), 0)
+      return {'example': examples, 'u': u[:, :augment.NUM_SCALARS],
+              'size': sizes, 'is_jpeg': is_jpeg, 'labels': labels, **geo}
+
+    def render(x):
+      image = augment.render_example(
+          read(x['example']), x['is_jpeg'], x['size'], x, x['u'],
+          image_size=image_size, pixel_mean=pixel_mean)
+      return {'image': image, 'boxes': x['boxes'], 'labels': x['labels'],
+              'mask': x['mask'], 'example': x['example'],
+              'step_examples': x['step_examples']}
+
+    def empty(step_examples):
+      return {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+              'boxes': tf.zeros([m, 4], tf.float32),
+              'labels': tf.zeros([m], tf.int32),
+              'mask': tf.zeros([m], tf.bool),
+              'example': tf.constant(-1, tf.int64),
+              'step_examples': step_examples}
+
+    num_parallel_calls = _num_parallel_calls(config)
+
+    def one_step(x):
+      # Images that fail to decode are dropped (tf.data cannot catch an op
+      # error otherwise) and the step is topped up with empty images, so
+      # every batch still holds its own step's examples.
+      x['step_examples'] = tf.tile(x['example'][None], [b, 1])
+      rendered = tf.data.Dataset.from_tensor_slices(x).map(
+          render, num_parallel_calls=num_parallel_calls,
+          deterministic=True).ignore_errors()
+      empties = tf.data.Dataset.from_tensors(
+          empty(x['example'])).repeat(b)
+      return rendered.concatenate(empties).take(b)
+
+    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+    ds = ds.map(step_inputs)
+    ds = ds.map(geometry, num_parallel_calls=2, deterministic=True)
+    ds = ds.interleave(one_step, cycle_length=2, block_length=b,
+                       num_parallel_calls=2, deterministic=True)
+    ds = ds.batch(b, drop_remainder=True)
+    ds = ds.prefetch(config.data.prefetch or tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self.step += 1
+    examples = batch.pop('example')
+    expected = batch.pop('step_examples')[0]
+    if (examples < 0).any():  # which examples were replaced
+      missing = collections.Counter(expected.tolist())
+      missing.subtract(examples.tolist())
+      self.stats.add_decode_failures(+missing)
+    return batch
+
+
+def create_train_iterator(config, *, start_step=0):
+  """This host's endless stream of training batches; see TrainIterator.
+
+  Args:
+    config: uses data.{train, voc_root, tfds_data_dir, class_names,
+      max_boxes, num_parallel_calls, prefetch}, input.{image_size,
+      pixel_mean}, solver.batch_size, seed.
+    start_step: global step of the first batch (for resuming).
+
+  Returns:
+    A TrainIterator: `next(it)` gives a dict of numpy arrays; `it.stats`
+    has the skip/fix counts (`it.stats.summary()` is the log line).
+  """
+  return TrainIterator(config, start_step=start_step)
+
+
+# -------------------------------------------------------------------- eval ---
+
+
+class EvalIterable:
+  """This host's share of a dataset for evaluation, padded to full batches.
+
+  Every image of the dataset is in exactly one host's share; every host
+  yields the same number of batches (ceil(ceil(N / hosts) / b)). Keys:
+  `image` float32 [b, S, S, 3] (test transform), `image_id` [b] str,
+  `orig_size` int32 [b, 2] (height, width), `boxes` float32 [b, Mx, 4] all
+  ground truth in original-image pixels (0-based, as the reference parses
+  VOC), `labels` int32 [b, Mx], `difficult` bool [b, Mx], `mask` bool
+  [b, Mx], `valid` bool [b] (False for padding images and images that
+  failed to decode). Mx = the dataset's largest object count (at least 1):
+  ground truth is never truncated.
+  """
+
+  def __init__(self, config, dataset_name, *, batch_size, process_index=None,
+               process_count=None):
+    process_index = (jax.process_index() if process_index is None else
+                     process_index)
+    process_count = (jax.process_count() if process_count is None else
+                     process_count)
+    self._batch = _per_host_batch(batch_size, process_count)
+    index = load_index(config, dataset_name)
+    self._index = index
+    self.stats = DataStats(index.counts)
+    self.max_objects = max(index.max_objects, 1)
+    self._examples = np.arange(process_index, len(index), process_count)
+    per_host = -(-len(index) // process_count)
+    self.num_batches = -(-per_host // self._batch)
+    self._image_size = config.input.image_size
+    self._pixel_mean = tuple(float(m) for m in config.input.pixel_mean)
+    self._num_parallel_calls = _num_parallel_calls(config)
+
+  def __len__(self):
+    return self.num_batches
+
+  def _dataset(self):
+    index = self._index
+    read = sources.image_reader(index)
+    is_jpeg = tf.constant(index.is_jpeg)
+    image_size, pixel_mean = self._image_size, self._pixel_mean
+
+    def load(example):
+      image = augment.eval_transform(read(example), is_jpeg[example],
+                                     image_size=image_size,
+                                     pixel_mean=pixel_mean)
+      return {'image': image, 'example': example, 'failed': tf.constant(False)}
+
+    def empty(example):
+      return {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+              'example': example, 'failed': tf.constant(True)}
+
+    ds = tf.data.Dataset.from_tensor_slices(self._examples)
+    ds = _with_fallback(ds, load, empty, self._num_parallel_calls)
+    return ds.batch(self._batch).prefetch(2)
+
+  def _ground_truth(self, examples):
+    b, m = len(examples), self.max_objects
+    boxes = np.zeros([b, m, 4], np.float32)
+    labels = np.zeros([b, m], np.int32)
+    difficult = np.zeros([b, m], bool)
+    mask = np.zeros([b, m], bool)
+    for row, example in enumerate(examples):
+      bx, lb, df = self._index.objects(example)
+      k = len(lb)
+      boxes[row, :k], labels[row, :k], difficult[row, :k] = bx, lb, df
+      mask[row, :k] = True
+    return boxes, labels, difficult, mask
+
+  def __iter__(self):
+    emitted = 0
+    for batch in self._dataset().as_numpy_iterator():
+      yield self._finish(batch)
+      emitted += 1
+    for _ in range(emitted, self.num_batches):  # hosts with fewer images
+      yield self._finish({
+          'image': np.zeros([0, self._image_size, self._image_size, 3],
+                            np.float32),
+          'example': np.zeros([0], np.int64), 'failed': np.zeros([0], bool)})
+
+  def _finish(self, batch):
+    examples = batch['example']
+    failed = batch['failed']
+    if failed.any():
+      self.stats.add_decode_failures(examples[failed].tolist())
+    n, b = len(examples), self._batch
+    boxes, labels, difficult, mask = self._ground_truth(examples)
+    out = {
+        'image': batch['image'],
+        'image_id': self._index.image_ids[examples],
+        'orig_size': self._index.sizes[examples],
+        'boxes': boxes, 'labels': labels, 'difficult': difficult,
+        'mask': mask, 'valid': ~failed,
+    }
+    if n < b:  # pad the last batch
+      out = {k: np.concatenate([v, np.zeros((b - n,) + v.shape[1:], v.dtype)])
+             for k, v in out.items()}
+    return out
+
+
+def create_eval_iterator(config, dataset_name, *, batch_size,
+                         process_index=None, process_count=None):
+  """This host's evaluation batches of `dataset_name`; see EvalIterable.
+
+  Args:
+    config: uses data.{voc_root, tfds_data_dir, class_names,
+      num_parallel_calls}, input.{image_size, pixel_mean}.
+    dataset_name: e.g. 'voc_2007_test'.
+    batch_size: global batch size (split over processes like training).
+    process_index, process_count: default to jax's.
+
+  Returns:
+    An EvalIterable (re-iterable, `len()` = number of batches, `.stats`).
+  """
+  return EvalIterable(config, dataset_name, batch_size=batch_size,
+                      process_index=process_index,
+                      process_count=process_count)
