@@ -67,7 +67,6 @@ def get_config():
   data.tfds_data_dir = ''  # '' = the TFDS default (~/tensorflow_datasets).
   data.class_names = VOC_CLASSES  # index = label, 0 = background
   data.max_boxes = 64  # ground truth padded to this many boxes per image
-  data.shuffle_buffer = 4096  # unused: every epoch is a full permutation
   data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
   data.prefetch = 2  # batches prefetched to the device
 
