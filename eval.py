@@ -11,6 +11,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -49,6 +50,9 @@ def _define_config_flag(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Our own log lines go through the 'SSD.*' loggers; keep absl's (clu's
+  # per-scalar lines, Orbax's progress) to warnings.
+  logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required')
   from ssd_jax import trainer  # pylint: disable=g-import-not-at-top

@@ -6,6 +6,7 @@ Running the same command again resumes from the latest checkpoint in W.
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -21,6 +22,9 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Our own log lines go through the 'SSD.*' loggers; keep absl's (clu's
+  # per-scalar lines, Orbax's progress) to warnings.
+  logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()

@@ -144,12 +144,12 @@ class Evaluator:
       batches = pipeline.create_eval_iterator(
           self.config, name, batch_size=self._batch_size(), process_index=0,
           process_count=1)
+      self.logger.info('Evaluating %s dataset(%d images):', name,
+                       pipeline.num_examples(self.config, name))
       result = evaluate.evaluate(predict, batches, self.priors, self.config,
                                  class_names)
       results[name] = result
-      self.logger.info('Evaluation on %s (%d images), iteration %d:\n%s', name,
-                       result['num_images'], step,
-                       evaluate.result_text(result, class_names))
+      self.logger.info('%s', evaluate.result_text(result, class_names))
       self._write(name, step, result, class_names)
       first_batch = next(iter(pipeline.create_eval_iterator(
           self.config, name, batch_size=self.num_images_drawn,
@@ -188,6 +188,21 @@ class Evaluator:
     return np.stack(drawn)
 
 
+def prepare_data(config, logger):
+  """Generates the synthetic shapes dataset first where the config asks for it."""
+  shapes_args = config.data.get('synthetic_shapes')
+  if not shapes_args:
+    return
+  from ssd_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    logger.info('Shapes dataset in %s (generated on first use)',
+                config.data.voc_root)
+    shapes.ensure_dataset(config.data.voc_root, **shapes_args.to_dict())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices('shapes dataset ready')
+
+
 def train_and_evaluate(config, workdir):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
@@ -200,6 +215,7 @@ def train_and_evaluate(config, workdir):
   logger.info('Running with config:\n%s', config)
   if is_main:
     checkpointing.save_config(workdir, config)
+  prepare_data(config, logger)
 
   mesh = train_lib.create_mesh()
   logger.info('Devices: %d x %s on %d host(s)', jax.device_count(),
@@ -327,6 +343,7 @@ def evaluate_workdir(config, workdir, step=None):
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   logger = metrics_log.setup_logger('SSD.inference', write_file=False)
+  prepare_data(config, logger)
   checkpointer = checkpointing.Checkpointer(workdir)
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')

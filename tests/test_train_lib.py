@@ -184,3 +184,21 @@ def test_eight_devices_equal_one_device():
                           env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.startswith('OK')
+
+
+def test_bfloat16_train_step_is_finite_and_close_to_float32():
+  config = tiny_config()
+  batch = synthetic_batch(config, 4, seed=3)
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.model.dtype = dtype
+    mesh, _, _, state, train_step = _setup(config)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    values = []
+    for _ in range(3):
+      state, metrics = train_step(state, train_lib.global_batch(batch, mesh))
+      values.append(float(metrics['total_loss']))
+    assert all(np.isfinite(values))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    losses[dtype] = values
+  np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.05)

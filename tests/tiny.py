@@ -23,3 +23,26 @@ def tiny_config(num_classes=4):
   config.data.max_boxes = 8
   config.solver.batch_size = 4
   return config
+
+
+def tiny_shapes_config(root, num_train=32, num_test=8):
+  """tiny_config on a small generated shapes dataset under `root`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import shapes_demo  # pylint: disable=g-import-not-at-top
+  config = tiny_config(num_classes=len(shapes_demo.SHAPES_CLASSES))
+  config.data.class_names = shapes_demo.SHAPES_CLASSES
+  config.data.voc_root = str(root)
+  config.data.synthetic_shapes = ml_collections.ConfigDict(dict(
+      num_train=num_train, num_test=num_test, image_size=80, seed=0))
+  config.data.train = ('voc_2007_trainval',)
+  config.data.test = ('voc_2007_test',)
+  config.solver.optimizer = 'adam'
+  config.solver.warmup_iters = 2
+  config.solver.lr_steps = (6,)
+  config.test.batch_size = 4
+  config.log_step = 1
+  config.save_step = 4
+  config.eval_step = 0
+  config.keep_checkpoints = 5
+  config.model.backbone.batch_norm = True
+  return config

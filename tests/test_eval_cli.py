@@ -1,0 +1,46 @@
+"""eval.py on a checkpoint imported from PyTorch reproduces the reference."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.recipe import recipe_state_dict
+from tests.reference_data import fixture_path, load_fixture
+
+torch = pytest.importorskip('torch')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_imported_reference_weights_reproduce_voc_tiny_map(tmp_path):
+  checkpoint = tmp_path / 'model_final.pth'
+  torch.save({'model': {k: torch.from_numpy(v)
+                        for k, v in recipe_state_dict().items()},
+              'iteration': 120000}, str(checkpoint))
+  workdir = tmp_path / 'imported'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  subprocess.run([sys.executable, '-m', 'ssd_jax.torch_import',
+                  f'--checkpoint={checkpoint}',
+                  '--config=configs/ssd300_voc.py', f'--workdir={workdir}'],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
+  result = subprocess.run(
+      [sys.executable, 'eval.py', f'--workdir={workdir}',
+       f'--config.data.voc_root={fixture_path("voc_tiny")}'],
+      cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  reference = load_fixture('eval_ref.json')['voc_tiny_model']
+  with open(workdir / 'eval' / 'voc_2007_test_120000.json') as f:
+    ours = json.load(f)
+  assert ours['step'] == 120000
+  assert ours['map'] == pytest.approx(reference['mAP'], abs=1e-9)
+  assert ours['map_area'] == pytest.approx(reference['map_area_metric'],
+                                           abs=1e-9)
+  for name, ap in reference['per_class_ap'].items():
+    assert ours['ap'][name] == (pytest.approx(ap, abs=1e-9)
+                                if ap is not None else None), name
+  # The reference's printed lines, word for word.
+  heading, table = reference['printed'].strip().split('\n', 1)
+  assert heading in result.stdout
+  assert table in result.stdout

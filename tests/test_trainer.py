@@ -1,0 +1,188 @@
+"""End-to-end training: log, checkpoints, exact resume after kill -9, eval."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssd_jax import checkpointing
+from ssd_jax import models
+from ssd_jax import trainer
+from tests.tiny import tiny_shapes_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINE = re.compile(
+    r'^\S+ \S+ SSD\.trainer INFO: iter: (\d{6}), lr: (\d\.\d{5}), '
+    r'total_loss: (\d+\.\d{3}) \((\d+\.\d{3})\), reg_loss: \d+\.\d{3} '
+    r'\(\d+\.\d{3}\), cls_loss: \d+\.\d{3} \(\d+\.\d{3}\), time: \d+\.\d{3} '
+    r'\(\d+\.\d{3}\), eta: \d+:\d\d:\d\d$')
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  return tmp_path_factory.mktemp('shapes')
+
+
+def _losses(log_text):
+  """{iteration: total_loss as printed} from the log lines."""
+  return {int(m.group(1)): m.group(3)
+          for m in map(LINE.match, log_text.splitlines()) if m}
+
+
+def _params(workdir, step, config):
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  checkpointing.restore_model(checkpointing.Checkpointer(str(workdir)), model,
+                              step)
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_root, tmp_path_factory):
+  """A run of 10 iterations, never interrupted."""
+  config = tiny_shapes_config(data_root)
+  config.solver.max_iter = 10
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  trainer.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+def test_log_checkpoints_and_evaluation(uninterrupted):
+  config, workdir = uninterrupted
+  log = (workdir / 'log.txt').read_text()
+  assert 'No checkpoint found.' in log
+  assert 'Running with config:' in log
+  losses = _losses(log)
+  assert sorted(losses) == list(range(1, 11))
+  # The printed lr of iteration i is f(i): 0.00133 at 1 with warm-up over 2.
+  lines = [l for l in log.splitlines() if LINE.match(l)]
+  assert LINE.match(lines[0]).group(2) == f'{2e-3 * (1/3 * 0.5 + 0.5):.5f}'
+  assert re.search(r'Total training time: \d+:\d\d:\d\d \(\d+\.\d{4} s / it\)',
+                   log)
+  assert 'Saving checkpoint to' in log
+  assert 'skipped 0 of 32 examples' in log
+  assert re.search(r'mAP: \d\.\d{4}\ncircle {10}: (\d\.\d{4}|nan)', log)
+  assert checkpointing.Checkpointer(str(workdir)).all_steps() == [4, 8, 10]
+  with open(workdir / 'eval' / 'voc_2007_test_10.json') as f:
+    result = json.load(f)
+  assert result['step'] == 10 and set(result['ap']) == {
+      'circle', 'square', 'triangle', 'cross'}
+  assert 0 <= result['map'] <= 1
+  assert os.listdir(workdir / 'tf_logs')
+  saved = checkpointing.load_config(str(workdir))
+  assert saved.solver.max_iter == 10
+  del config
+
+
+def test_resume_after_kill_is_exact_and_extends(uninterrupted, data_root,
+                                                 tmp_path):
+  config, reference_dir = uninterrupted
+  workdir = tmp_path / 'killed'
+  args = [sys.executable, 'train.py', '--config=configs/shapes_demo.py',
+          f'--workdir={workdir}']
+  overrides = {
+      'model.num_classes': config.model.num_classes,
+      'model.backbone.width_divisor': 16, 'model.backbone.batch_norm': True,
+      'model.backbone.out_channels': '(32, 64, 32, 32)',
+      'model.backbone.extras': '((16, 32, 3, 2, 1), (16, 32, 3, 2, 1))',
+      'model.priors.feature_maps': '(8, 4, 2, 1)',
+      'model.priors.strides': '(8, 16, 32, 64)',
+      'model.priors.min_sizes': '(10, 20, 36, 50)',
+      'model.priors.max_sizes': '(20, 36, 50, 64)',
+      'model.priors.aspect_ratios': '((2,), (2, 3), (2,), (2,))',
+      'model.priors.boxes_per_location': '(4, 6, 4, 4)',
+      'input.image_size': 64, 'data.voc_root': str(data_root),
+      'data.synthetic_shapes.num_train': 32,
+      'data.synthetic_shapes.num_test': 8,
+      'data.synthetic_shapes.image_size': 80, 'data.max_boxes': 8,
+      'solver.batch_size': 4, 'solver.warmup_iters': 2,
+      'solver.lr_steps': '(6,)', 'solver.lr': 1e-3,
+      'solver.weight_decay': 5e-4, 'test.batch_size': 4, 'log_step': 1,
+      'save_step': 4, 'keep_checkpoints': 5,
+  }
+  args += [f'--config.{k}={v}' for k, v in overrides.items()]
+  # The subprocess must build exactly the in-process config.
+  assert config.solver.lr == 1e-3 and config.solver.weight_decay == 5e-4
+  env = dict(os.environ, PYTHONPATH=ROOT)
+
+  # 1. Start a run to 8 and kill -9 it once it has saved iteration 4.
+  process = subprocess.Popen(args + ['--config.solver.max_iter=8'], cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  log_path = workdir / 'log.txt'
+  while time.time() < deadline and process.poll() is None:
+    if log_path.exists() and 'iter: 000005' in log_path.read_text():
+      break
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert 'iter: 000008' not in log_path.read_text()
+
+  # 2. The same command resumes and finishes iteration 8 ...
+  subprocess.run(args + ['--config.solver.max_iter=8'], cwd=ROOT, env=env,
+                 check=True, capture_output=True)
+  log = log_path.read_text()
+  assert 'Loading checkpoint from' in log
+  # 3. ... and a larger max_iter extends the finished run to 10.
+  subprocess.run(args + ['--config.solver.max_iter=10'], cwd=ROOT, env=env,
+                 check=True, capture_output=True)
+  log = log_path.read_text()
+  assert 'Loading checkpoint from' in log.split('iter: 000008')[-1]
+
+  reference_losses = _losses((reference_dir / 'log.txt').read_text())
+  resumed = {}
+  for chunk in log.split('Running with config:')[2:]:
+    resumed.update(_losses(chunk))
+  assert set(resumed) >= {9, 10}
+  for iteration, loss in resumed.items():
+    assert loss == reference_losses[iteration], iteration
+  for ours, theirs in zip(_params(workdir, 10, config),
+                          _params(reference_dir, 10, config)):
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_nan_stops_the_run_and_keeps_the_checkpoint(data_root, tmp_path):
+  config = tiny_shapes_config(data_root)
+  config.solver.max_iter = 12
+  config.solver.optimizer = 'sgd'
+  config.solver.lr = 1e30
+  config.solver.lr_steps = (100,)
+  config.solver.warmup_iters = 0
+  config.save_step = 1
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r'at iteration (\d+): stopping; the last '
+                     r'checkpoint \(iteration \1\)|no checkpoint') as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  steps = checkpointing.Checkpointer(str(tmp_path)).all_steps()
+  bad = int(re.search(r'at iteration (\d+)', str(error.value)).group(1))
+  assert all(step < bad for step in steps)
+  if steps:
+    assert all(np.all(np.isfinite(p))
+               for p in _params(tmp_path, max(steps), config))
+
+
+def test_bad_examples_are_skipped_and_counted(tmp_path):
+  from ssd_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'data'
+  config = tiny_shapes_config(root, num_train=16, num_test=4)
+  shapes.ensure_dataset(str(root), **config.data.synthetic_shapes.to_dict())
+  year = root / 'VOC2007'
+  ids = (year / 'ImageSets' / 'Main' / 'trainval.txt').read_text().split()
+  (year / 'JPEGImages' / f'{ids[0]}.jpg').write_bytes(b'\xff\xd8garbage')
+  (year / 'Annotations' / f'{ids[1]}.xml').write_text('<annotation><object>')
+  (year / 'JPEGImages' / f'{ids[2]}.jpg').unlink()
+  config.solver.max_iter = 6
+  config.save_step = 6
+  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  log = (tmp_path / 'run' / 'log.txt').read_text()
+  assert 'iter: 000006' in log
+  match = re.search(r'Input pipeline: skipped (\d+) of (\d+) examples', log)
+  assert match and int(match.group(1)) >= 2, log[-2000:]
