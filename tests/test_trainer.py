@@ -46,9 +46,9 @@ def _params(workdir, step, config):
 
 @pytest.fixture(scope='module')
 def uninterrupted(data_root, tmp_path_factory):
-  """A run of 10 iterations, never interrupted."""
+  """A run of 44 iterations, never interrupted."""
   config = tiny_shapes_config(data_root)
-  config.solver.max_iter = 10
+  config.solver.max_iter = 44
   workdir = tmp_path_factory.mktemp('uninterrupted')
   trainer.train_and_evaluate(config, str(workdir))
   return config, workdir
@@ -60,24 +60,26 @@ def test_log_checkpoints_and_evaluation(uninterrupted):
   assert 'No checkpoint found.' in log
   assert 'Running with config:' in log
   losses = _losses(log)
-  assert sorted(losses) == list(range(1, 11))
+  assert sorted(losses) == list(range(1, 45))
   # The printed lr of iteration i is f(i): 0.00133 at 1 with warm-up over 2.
   lines = [l for l in log.splitlines() if LINE.match(l)]
-  assert LINE.match(lines[0]).group(2) == f'{2e-3 * (1/3 * 0.5 + 0.5):.5f}'
+  lr = config.solver.lr * (1 / 3 * 0.5 + 0.5)  # f(1), warm-up over 2
+  assert LINE.match(lines[0]).group(2) == f'{lr:.5f}'
   assert re.search(r'Total training time: \d+:\d\d:\d\d \(\d+\.\d{4} s / it\)',
                    log)
   assert 'Saving checkpoint to' in log
   assert 'skipped 0 of 32 examples' in log
   assert re.search(r'mAP: \d\.\d{4}\ncircle {10}: (\d\.\d{4}|nan)', log)
-  assert checkpointing.Checkpointer(str(workdir)).all_steps() == [4, 8, 10]
-  with open(workdir / 'eval' / 'voc_2007_test_10.json') as f:
+  assert checkpointing.Checkpointer(str(workdir)).all_steps() == [
+      28, 32, 36, 40, 44]
+  with open(workdir / 'eval' / 'voc_2007_test_44.json') as f:
     result = json.load(f)
-  assert result['step'] == 10 and set(result['ap']) == {
+  assert result['step'] == 44 and set(result['ap']) == {
       'circle', 'square', 'triangle', 'cross'}
   assert 0 <= result['map'] <= 1
   assert os.listdir(workdir / 'tf_logs')
   saved = checkpointing.load_config(str(workdir))
-  assert saved.solver.max_iter == 10
+  assert saved.solver.max_iter == 44
   del config
 
 
@@ -112,41 +114,45 @@ def test_resume_after_kill_is_exact_and_extends(uninterrupted, data_root,
   assert config.solver.lr == 1e-3 and config.solver.weight_decay == 5e-4
   env = dict(os.environ, PYTHONPATH=ROOT)
 
-  # 1. Start a run to 8 and kill -9 it once it has saved iteration 4.
-  process = subprocess.Popen(args + ['--config.solver.max_iter=8'], cwd=ROOT,
+  # 1. Start a run to 40 and kill -9 it in the middle, once checkpoint 8 is
+  # complete (Orbax renames a finished checkpoint to its step number).
+  process = subprocess.Popen(args + ['--config.solver.max_iter=40'], cwd=ROOT,
                              env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 600
   log_path = workdir / 'log.txt'
   while time.time() < deadline and process.poll() is None:
-    if log_path.exists() and 'iter: 000005' in log_path.read_text():
+    if (workdir / 'checkpoints' / '8').is_dir():
       break
-    time.sleep(0.2)
+    time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert 'iter: 000008' not in log_path.read_text()
+  killed_log = log_path.read_text()
+  assert 'iter: 000008' in killed_log
+  assert 'Total training time' not in killed_log  # it was killed mid-run
 
-  # 2. The same command resumes and finishes iteration 8 ...
-  subprocess.run(args + ['--config.solver.max_iter=8'], cwd=ROOT, env=env,
+  # 2. The same command resumes from the last checkpoint and finishes ...
+  subprocess.run(args + ['--config.solver.max_iter=40'], cwd=ROOT, env=env,
                  check=True, capture_output=True)
   log = log_path.read_text()
   assert 'Loading checkpoint from' in log
-  # 3. ... and a larger max_iter extends the finished run to 10.
-  subprocess.run(args + ['--config.solver.max_iter=10'], cwd=ROOT, env=env,
+  # 3. ... and a larger max_iter extends the finished run to 44.
+  subprocess.run(args + ['--config.solver.max_iter=44'], cwd=ROOT, env=env,
                  check=True, capture_output=True)
   log = log_path.read_text()
-  assert 'Loading checkpoint from' in log.split('iter: 000008')[-1]
+  assert 'Loading checkpoint from' in log.split('iter: 000040')[-1]
 
   reference_losses = _losses((reference_dir / 'log.txt').read_text())
   resumed = {}
   for chunk in log.split('Running with config:')[2:]:
     resumed.update(_losses(chunk))
-  assert set(resumed) >= {9, 10}
+  assert set(resumed) >= set(range(30, 45))
   for iteration, loss in resumed.items():
     assert loss == reference_losses[iteration], iteration
-  for ours, theirs in zip(_params(workdir, 10, config),
-                          _params(reference_dir, 10, config)):
-    np.testing.assert_array_equal(ours, theirs)
+  for step in (40, 44):
+    for ours, theirs in zip(_params(workdir, step, config),
+                            _params(reference_dir, step, config)):
+      np.testing.assert_array_equal(ours, theirs)
 
 
 def test_nan_stops_the_run_and_keeps_the_checkpoint(data_root, tmp_path):
@@ -158,8 +164,8 @@ def test_nan_stops_the_run_and_keeps_the_checkpoint(data_root, tmp_path):
   config.solver.warmup_iters = 0
   config.save_step = 1
   with pytest.raises(trainer.NonFiniteLossError,
-                     match=r'at iteration (\d+): stopping; the last '
-                     r'checkpoint \(iteration \1\)|no checkpoint') as error:
+                     match=r'at iteration \d+: stopping; (the last checkpoint '
+                     r'\(iteration \d+\) is intact|no checkpoint)') as error:
     trainer.train_and_evaluate(config, str(tmp_path))
   steps = checkpointing.Checkpointer(str(tmp_path)).all_steps()
   bad = int(re.search(r'at iteration (\d+)', str(error.value)).group(1))
