@@ -10,6 +10,7 @@ along its first axis, the train state replicated.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -25,6 +26,29 @@ from ssd_jax import priors as priors_lib
 from ssd_jax import targets
 
 DATA_AXIS = 'data'
+
+# XLA:CPU hands convolutions and dots to YNNPACK by default. For SSD's
+# convolutions its gradients (kernel gradients above all) are 1.5-3x slower
+# than XLA's Eigen kernels on the 2-core machines we measured
+# (bench/conv_layers.py, BENCHMARKS.md), so compiled steps turn it off on CPU.
+_CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+@functools.cache
+def compiler_options():
+  """XLA options for the compiled steps on this backend (None = defaults).
+
+  On CPU: YNNPACK off, if this jaxlib knows the option (checked once by
+  compiling a trivial function; an unknown option is left out).
+  """
+  if jax.default_backend() != 'cpu':
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
+        jnp.zeros(())).compile()
+  except Exception:  # pylint: disable=broad-exception-caught
+    return None
+  return dict(_CPU_COMPILER_OPTIONS)
 
 
 @flax.struct.dataclass
@@ -150,7 +174,8 @@ def make_train_step(config, model_def, tx, mesh, priors=None):
   replicated = replicated_sharding(mesh)
   return jax.jit(train_step, donate_argnums=0,
                  in_shardings=(replicated, batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated))
+                 out_shardings=(replicated, replicated),
+                 compiler_options=compiler_options())
 
 
 def make_predict_step(model_def):
@@ -165,7 +190,7 @@ def make_predict_step(model_def):
     cls_logits, bbox_pred = model(images)
     return cls_logits.astype(jnp.float32), bbox_pred.astype(jnp.float32)
 
-  return jax.jit(predict_step)
+  return jax.jit(predict_step, compiler_options=compiler_options())
 
 
 def state_to_checkpoint(state):

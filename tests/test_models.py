@@ -135,33 +135,6 @@ def test_bfloat16_compute_keeps_float32_params():
   assert float(jnp.abs(box_bf16.astype(jnp.float32) - box_f32).max()) < 0.05 * scale
 
 
-@pytest.mark.parametrize('kernel,padding,dilation,channels', [
-    (3, 1, 1, (24, 32)), (3, 6, 6, (32, 24)), (1, 0, 1, (32, 16)),
-    (3, 0, 1, (16, 32)), (4, 1, 1, (32, 32)), (3, 1, 1, (4, 6))])
-def test_fast_conv_gradients_equal_xla(kernel, padding, dilation, channels):
-  from ssd_jax.models import conv  # pylint: disable=g-import-not-at-top
-  rng = np.random.RandomState(0)
-  cin, cout = channels
-  x = jnp.asarray(rng.randn(2, 13, 11, cin), jnp.float32) / 4
-  w = jnp.asarray(rng.randn(kernel, kernel, cin, cout), jnp.float32)
-  dims = jax.lax.conv_dimension_numbers(x.shape, w.shape,
-                                        ('NHWC', 'HWIO', 'NHWC'))
-  pads = ((padding, padding), (padding, padding))
-
-  def loss(conv_fn, x, w):
-    y = conv_fn(x, w, (1, 1), pads, rhs_dilation=(dilation, dilation),
-                dimension_numbers=dims)
-    return jnp.sum(jnp.sin(y))
-
-  ours = jax.jit(jax.grad(lambda x, w: loss(conv.conv_general_dilated, x, w),
-                          argnums=(0, 1)))(x, w)
-  xla = jax.jit(jax.grad(lambda x, w: loss(jax.lax.conv_general_dilated, x, w),
-                         argnums=(0, 1)))(x, w)
-  for a, b in zip(ours, xla):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                               atol=1e-4)
-
-
 @pytest.mark.parametrize('size,ceil_mode', [(12, False), (75, True), (9, True),
                                             (9, False)])
 def test_tiled_max_pool_gradient_equals_xla(size, ceil_mode):

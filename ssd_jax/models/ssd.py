@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssd_jax.models import conv
 from ssd_jax.models import vgg
 
 
@@ -19,7 +18,7 @@ class BoxPredictor(nnx.Module):
                dtype=jnp.float32, rngs):
     def head(i, o):
       return nnx.Conv(i, o, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype,
-                      conv_general_dilated=conv.conv_general_dilated,
+                     
                       kernel_init=nnx.initializers.xavier_uniform(),
                       bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 

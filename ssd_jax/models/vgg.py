@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ssd_jax.models import conv
 
 # VGG16 convolutions up to conv5_3: widths, 'M' = 2x2/2 max-pool (floor),
 # 'C' = 2x2/2 max-pool with ceil mode (pool3, so that 75 -> 38 for SSD300).
@@ -134,7 +133,7 @@ class VGGBackbone(nnx.Module):
     specs.append((fc_width, fc_width, 1, 0, 1))  # conv7
     self.vgg = nnx.List([
         nnx.Conv(i, o, (k, k), padding=((p, p), (p, p)),
-                 kernel_dilation=(d, d), dtype=dtype, conv_general_dilated=conv.conv_general_dilated,
+                 kernel_dilation=(d, d), dtype=dtype,
                  kernel_init=torch_default_conv_init(i * k * k),
                  bias_init=torch_default_conv_init(i * k * k), rngs=rngs)
         for i, o, k, p, d in specs])
@@ -182,13 +181,13 @@ class Extras(nnx.Module):
     for mid, out, kernel, stride, padding in specs:
       convs.append(nnx.Conv(
           in_channels, mid, (1, 1), dtype=dtype,
-          conv_general_dilated=conv.conv_general_dilated,
+         
           kernel_init=nnx.initializers.xavier_uniform(),
           bias_init=nnx.initializers.zeros_init(), rngs=rngs))
       convs.append(nnx.Conv(
           mid, out, (kernel, kernel), strides=(stride, stride),
           padding=((padding, padding), (padding, padding)), dtype=dtype,
-          conv_general_dilated=conv.conv_general_dilated,
+         
           kernel_init=nnx.initializers.xavier_uniform(),
           bias_init=nnx.initializers.zeros_init(), rngs=rngs))
       in_channels = out
