@@ -62,12 +62,19 @@ def jax_fns(size, cin, cout, k, stride, pad, dilation, batch,
         rhs_dilation=(dilation, dilation),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
+  out_shape = jax.eval_shape(conv, x, w).shape
+  dy = jnp.asarray(np.random.RandomState(2).randn(*out_shape), jnp.float32)
   forward = jax.jit(conv, compiler_options=compiler_options)
-  # The sum's cotangent is all ones, like any upstream gradient in cost.
-  backward = jax.jit(jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1)),
-                     compiler_options=compiler_options)
+  def forward_backward(x, w, dy):
+    # A random output cotangent: a constant one (the gradient of a sum) lets
+    # XLA skip work, such as transposing it for the kernel gradient. The
+    # output is returned so that the forward pass is not dead code.
+    y, vjp = jax.vjp(conv, x, w)
+    return y, vjp(dy)
+
+  backward = jax.jit(forward_backward, compiler_options=compiler_options)
   return (lambda: forward(x, w).block_until_ready(),
-          lambda: jax.block_until_ready(backward(x, w)))
+          lambda: jax.block_until_ready(backward(x, w, dy)))
 
 
 def torch_fns(size, cin, cout, k, stride, pad, dilation, batch):
@@ -78,9 +85,12 @@ def torch_fns(size, cin, cout, k, stride, pad, dilation, batch):
     with torch.no_grad():
       return F.conv2d(x, w, None, stride, pad, dilation)
 
+  with torch.no_grad():
+    dy = torch.randn_like(F.conv2d(x, w, None, stride, pad, dilation))
+
   def backward():
     x.grad = w.grad = None
-    F.conv2d(x, w, None, stride, pad, dilation).sum().backward()
+    F.conv2d(x, w, None, stride, pad, dilation).backward(dy)
 
   return forward, backward
 

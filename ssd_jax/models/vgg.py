@@ -181,13 +181,11 @@ class Extras(nnx.Module):
     for mid, out, kernel, stride, padding in specs:
       convs.append(nnx.Conv(
           in_channels, mid, (1, 1), dtype=dtype,
-         
           kernel_init=nnx.initializers.xavier_uniform(),
           bias_init=nnx.initializers.zeros_init(), rngs=rngs))
       convs.append(nnx.Conv(
           mid, out, (kernel, kernel), strides=(stride, stride),
           padding=((padding, padding), (padding, padding)), dtype=dtype,
-         
           kernel_init=nnx.initializers.xavier_uniform(),
           bias_init=nnx.initializers.zeros_init(), rngs=rngs))
       in_channels = out
