@@ -164,7 +164,7 @@ def make_train_step(config, model_def, tx, mesh, priors=None):
 
     grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(
         state.params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params,

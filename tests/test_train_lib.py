@@ -202,3 +202,20 @@ def test_bfloat16_train_step_is_finite_and_close_to_float32():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     losses[dtype] = values
   np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.05)
+
+
+def test_cpu_steps_compile_without_ynnpack(tiny):
+  # YNNPACK's convolution gradients are the slow path on CPU (BENCHMARKS.md);
+  # the compiled steps must keep XLA's own kernels.
+  config, mesh, model_def, _, state, train_step = tiny
+  assert train_lib.compiler_options() == {
+      'xla_cpu_experimental_ynn_fusion_type': ''}
+  batch = train_lib.global_batch(synthetic_batch(config, 2), mesh)
+  train_hlo = train_step.lower(state, batch).compile().as_text()
+  predict_step = train_lib.make_predict_step(model_def)
+  predict_hlo = predict_step.lower(state, batch['image']).compile().as_text()
+  default_hlo = jax.jit(train_step.__wrapped__).lower(state, batch).compile(
+      ).as_text()
+  assert '__ynn_fusion' in default_hlo  # what the option turns off
+  assert '__ynn_fusion' not in train_hlo
+  assert '__ynn_fusion' not in predict_hlo
