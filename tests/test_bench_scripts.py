@@ -1,0 +1,26 @@
+"""The profiling script of bench/ runs and reports what it claims to."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_conv_layers_profile_reports_both_frameworks():
+  result = subprocess.run(
+      [sys.executable, 'bench/conv_layers.py', '--batch_size=1',
+       '--repeats=1', '--layers=conv5_x,fc7'],
+      cwd=ROOT, capture_output=True, text=True, check=True)
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert [row['layer'] for row in report['rows']] == ['conv5_x', 'fc7']
+  assert report['compiler_options'] == {
+      'xla_cpu_experimental_ynn_fusion_type': ''}
+  for row in report['rows']:
+    for key in ('xla_default_fwd', 'jax_fwd', 'torch_fwd',
+                'xla_default_fwd_bwd', 'jax_fwd_bwd', 'torch_fwd_bwd'):
+      assert row[key] > 0
+  # conv5_x occurs three times in SSD300.
+  assert report['totals']['jax_fwd'] == sum(
+      row['count'] * row['jax_fwd'] for row in report['rows'])
