@@ -28,8 +28,8 @@ from ssd_jax import targets
 DATA_AXIS = 'data'
 
 # XLA:CPU hands convolutions and dots to YNNPACK by default. For SSD's
-# convolutions its gradients (kernel gradients above all) are 1.5-3x slower
-# than XLA's Eigen kernels on the 2-core machines we measured
+# convolutions, forward + backward takes 1.15-3.2x as long per layer there as
+# with XLA's Eigen kernels (1.6x in sum) on the 2-core machines we measured
 # (bench/conv_layers.py, BENCHMARKS.md), so compiled steps turn it off on CPU.
 _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
