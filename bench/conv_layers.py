@@ -1,12 +1,13 @@
 """Per-layer profile of SSD300's convolutions: JAX vs PyTorch, side by side.
 
-    python bench/conv_layers.py --batch_size=4 [--layers=conv1_2,conv4_3]
+    python bench/conv_layers.py --batch_size=4 [--layers=conv1_2,conv4_x]
 
-For each distinct convolution of SSD300 (VGG16 reduced-fc, extras, heads),
-times the forward pass and forward + backward (gradients of input and kernel)
+For each distinct convolution shape of SSD300's VGG16 reduced-fc backbone
+and its two largest classification heads (the extras and the smaller heads
+take little time), times the forward pass and forward + backward (gradients of input and kernel)
 in JAX, compiled twice (with XLA's default options, and with the options
 ssd_jax's steps use, `train_lib.compiler_options()`), and in PyTorch, on the
-same shapes. Prints milliseconds per call and the ratio torch / jax (ssd_jax
+same shapes, one after the other in this process. Prints milliseconds per call and the ratio torch / jax (ssd_jax
 options) per layer, and the totals weighted by how often each shape occurs in
 the network. Use it to see where the train step's time goes. The last line
 printed is one JSON object.
