@@ -4,13 +4,14 @@
 
 For each distinct convolution shape of SSD300's VGG16 reduced-fc backbone
 and its two largest classification heads (the extras and the smaller heads
-take little time), times the forward pass and forward + backward (gradients of input and kernel)
-in JAX, compiled twice (with XLA's default options, and with the options
-ssd_jax's steps use, `train_lib.compiler_options()`), and in PyTorch, on the
-same shapes, one after the other in this process. Prints milliseconds per call and the ratio torch / jax (ssd_jax
-options) per layer, and the totals weighted by how often each shape occurs in
-the network. Use it to see where the train step's time goes. The last line
-printed is one JSON object.
+take little time), times the forward pass and forward + backward (gradients
+of input and kernel) in JAX, compiled twice (with XLA's default options, and
+with the options ssd_jax's steps use, `train_lib.compiler_options()`), and in
+PyTorch, on the same shapes, one after the other in this process. Prints
+milliseconds per call and the ratio torch / jax (ssd_jax options) per layer,
+and the totals weighted by how often each shape occurs in the network. Use it
+to see where the train step's time goes. The last line printed is one JSON
+object.
 """
 
 import argparse
