@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssd_jax.models import layers
 from ssd_jax.models import vgg
 
 
@@ -46,9 +47,9 @@ class BoxPredictor(nnx.Module):
       kernel = jnp.concatenate([cls_conv.kernel[...], reg_conv.kernel[...]],
                                axis=-1).astype(self.dtype)
       bias = jnp.concatenate([cls_conv.bias[...], reg_conv.bias[...]])
-      out = jax.lax.conv_general_dilated(
+      out = layers.add_bias(jax.lax.conv_general_dilated(
           feature.astype(self.dtype), kernel, (1, 1), ((1, 1), (1, 1)),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias.astype(self.dtype)
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC')), bias.astype(self.dtype))
       num_cls_channels = cls_conv.kernel.shape[-1]
       logits.append(out[..., :num_cls_channels].reshape(
           batch, -1, self.num_classes))

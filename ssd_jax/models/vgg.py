@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ssd_jax.models import layers
+
 
 # VGG16 convolutions up to conv5_3: widths, 'M' = 2x2/2 max-pool (floor),
 # 'C' = 2x2/2 max-pool with ceil mode (pool3, so that 75 -> 38 for SSD300).
@@ -132,7 +134,7 @@ class VGGBackbone(nnx.Module):
     specs.append((in_ch, fc_width, 3, 6, 6))  # conv6
     specs.append((fc_width, fc_width, 1, 0, 1))  # conv7
     self.vgg = nnx.List([
-        nnx.Conv(i, o, (k, k), padding=((p, p), (p, p)),
+        layers.Conv(i, o, (k, k), padding=((p, p), (p, p)),
                  kernel_dilation=(d, d), dtype=dtype,
                  kernel_init=torch_default_conv_init(i * k * k),
                  bias_init=torch_default_conv_init(i * k * k), rngs=rngs)
@@ -179,11 +181,11 @@ class Extras(nnx.Module):
   def __init__(self, in_channels, specs, *, dtype=jnp.float32, rngs):
     convs = []
     for mid, out, kernel, stride, padding in specs:
-      convs.append(nnx.Conv(
+      convs.append(layers.Conv(
           in_channels, mid, (1, 1), dtype=dtype,
           kernel_init=nnx.initializers.xavier_uniform(),
           bias_init=nnx.initializers.zeros_init(), rngs=rngs))
-      convs.append(nnx.Conv(
+      convs.append(layers.Conv(
           mid, out, (kernel, kernel), strides=(stride, stride),
           padding=((padding, padding), (padding, padding)), dtype=dtype,
           kernel_init=nnx.initializers.xavier_uniform(),
