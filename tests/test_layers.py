@@ -1,0 +1,116 @@
+"""Winograd convolution, the bias-gradient rewrite and layers.Conv."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssd_jax.models import layers
+from ssd_jax.models import winograd
+
+
+def direct_conv(x, kernel):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), ((1, 1), (1, 1)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def value_and_grads(fn, x, kernel, cotangent):
+  y, vjp = jax.vjp(fn, x, kernel)
+  return (y,) + vjp(cotangent)
+
+
+def assert_close_relative(actual, expected, tol):
+  scale = np.abs(np.asarray(expected)).max()
+  np.testing.assert_array_less(np.abs(np.asarray(actual) - expected).max(),
+                               tol * scale)
+
+
+# Even and odd sizes (odd ones need a partial last tile), one and many
+# channels, non-square inputs.
+@pytest.mark.parametrize('shape', [(2, 7, 5, 3, 4), (1, 6, 6, 2, 1),
+                                   (3, 4, 9, 5, 6), (1, 1, 1, 4, 2),
+                                   (2, 19, 19, 16, 24)])
+def test_winograd_equals_direct_convolution_and_its_gradients(shape):
+  batch, height, width, channels, out_channels = shape
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(batch, height, width, channels), jnp.float32)
+  kernel = jnp.asarray(rng.randn(3, 3, channels, out_channels), jnp.float32)
+  cotangent = jnp.asarray(rng.randn(batch, height, width, out_channels),
+                          jnp.float32)
+  expected = value_and_grads(direct_conv, x, kernel, cotangent)
+  actual = jax.jit(lambda *a: value_and_grads(winograd.conv3x3, *a))(
+      x, kernel, cotangent)
+  for a, e in zip(actual, expected):
+    assert a.shape == e.shape and a.dtype == e.dtype
+    assert_close_relative(a, e, 1e-5)
+
+
+def test_add_bias_gradient_is_the_sum_over_all_but_channels():
+  rng = np.random.RandomState(2)
+  x = jnp.asarray(rng.randn(3, 5, 7, 6), jnp.float32)
+  bias = jnp.asarray(rng.randn(6), jnp.float32)
+  dy = jnp.asarray(rng.randn(3, 5, 7, 6), jnp.float32)
+  y, vjp = jax.vjp(layers.add_bias, x, bias)
+  dx, dbias = vjp(dy)
+  np.testing.assert_array_equal(y, x + bias)
+  np.testing.assert_array_equal(dx, dy)
+  np.testing.assert_allclose(dbias, np.asarray(dy, np.float64).sum((0, 1, 2)),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_add_bias_gradient_in_bfloat16_keeps_the_bias_dtype():
+  x = jnp.ones((2, 4, 4, 8), jnp.bfloat16)
+  bias = jnp.zeros((8,), jnp.bfloat16)
+  _, vjp = jax.vjp(layers.add_bias, x, bias)
+  _, dbias = vjp(jnp.ones_like(x))
+  assert dbias.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(dbias.astype(jnp.float32), 32.0)
+
+
+def test_use_winograd_only_for_wide_3x3_stride_1_float32_convs_on_cpu():
+  same = ((1, 1), (1, 1))
+  on_cpu = jax.default_backend() == 'cpu'
+  assert layers.use_winograd((3, 3, 256, 256), (1, 1), same, (1, 1),
+                             jnp.float32) == on_cpu
+  assert layers.use_winograd((3, 3, 64, 512), (1, 1), [[1, 1], [1, 1]],
+                             (1, 1), 'float32') == on_cpu
+  assert not layers.use_winograd((3, 3, 128, 128), (1, 1), same, (1, 1),
+                                 jnp.float32)
+  assert not layers.use_winograd((3, 3, 256, 256), (2, 2), same, (1, 1),
+                                 jnp.float32)
+  assert not layers.use_winograd((3, 3, 512, 1024), (1, 1), ((6, 6), (6, 6)),
+                                 (6, 6), jnp.float32)
+  assert not layers.use_winograd((3, 3, 256, 256), (1, 1), 'VALID', (1, 1),
+                                 jnp.float32)
+  assert not layers.use_winograd((1, 1, 256, 256), (1, 1), 'SAME', (1, 1),
+                                 jnp.float32)
+  assert not layers.use_winograd((3, 3, 256, 256), (1, 1), same, (1, 1),
+                                 jnp.bfloat16)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(in_features=8, out_features=256, kernel_size=(3, 3),
+         padding=((1, 1), (1, 1))),  # Winograd on CPU
+    dict(in_features=8, out_features=16, kernel_size=(3, 3), strides=(2, 2),
+         padding=((1, 1), (1, 1))),
+    dict(in_features=8, out_features=16, kernel_size=(3, 3),
+         padding=((6, 6), (6, 6)), kernel_dilation=(6, 6)),
+    dict(in_features=8, out_features=16, kernel_size=(1, 1)),
+])
+def test_conv_equals_nnx_conv_with_the_same_parameters(kwargs):
+  ours = layers.Conv(**kwargs, bias_init=nnx.initializers.normal(1.0),
+                     rngs=nnx.Rngs(0))
+  reference = nnx.Conv(**kwargs, rngs=nnx.Rngs(1))
+  nnx.update(reference, nnx.state(ours))
+  x = jnp.asarray(np.random.RandomState(3).randn(2, 10, 10, 8), jnp.float32)
+
+  def loss(model, x):
+    return jnp.sum(model(x) ** 2)
+
+  our_loss, our_grads = nnx.value_and_grad(loss)(ours, x)
+  ref_loss, ref_grads = nnx.value_and_grad(loss)(reference, x)
+  np.testing.assert_allclose(our_loss, ref_loss, rtol=1e-5)
+  for name in ('kernel', 'bias'):
+    assert_close_relative(our_grads[name][...], ref_grads[name][...], 1e-5)
