@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from ssd_jax import train_lib
+from ssd_jax.models import layers
+from ssd_jax.models import winograd
 
 # name, input size, in channels, out channels, kernel, stride, padding,
 # dilation, how many times the shape occurs in SSD300.
@@ -52,13 +54,16 @@ LAYERS = (
 
 
 def jax_fns(size, cin, cout, k, stride, pad, dilation, batch,
-            compiler_options):
+            compiler_options, allow_winograd):
   x = jnp.asarray(np.random.RandomState(0).randn(batch, size, size, cin),
                   jnp.float32)
   w = jnp.asarray(np.random.RandomState(1).randn(k, k, cin, cout) * 0.05,
                   jnp.float32)
 
   def conv(x, w):
+    if allow_winograd and uses_winograd(size, cin, cout, k, stride, pad,
+                                          dilation):
+      return winograd.conv3x3(x, w)
     return jax.lax.conv_general_dilated(
         x, w, (stride, stride), ((pad, pad), (pad, pad)),
         rhs_dilation=(dilation, dilation),
@@ -77,6 +82,14 @@ def jax_fns(size, cin, cout, k, stride, pad, dilation, batch,
   backward = jax.jit(forward_backward, compiler_options=compiler_options)
   return (lambda: forward(x, w).block_until_ready(),
           lambda: jax.block_until_ready(backward(x, w, dy)))
+
+
+def uses_winograd(size, cin, cout, k, stride, pad, dilation):
+  """Whether ssd_jax's model runs this LAYERS shape as Winograd."""
+  del size
+  return layers.use_winograd((k, k, cin, cout), (stride, stride),
+                             ((pad, pad), (pad, pad)), (dilation, dilation),
+                             jnp.float32)
 
 
 def torch_fns(size, cin, cout, k, stride, pad, dilation, batch):
@@ -124,8 +137,8 @@ def main():
   keys = ('xla_default_fwd', 'jax_fwd', 'torch_fwd', 'xla_default_fwd_bwd',
           'jax_fwd_bwd', 'torch_fwd_bwd')
   rows, totals = [], dict.fromkeys(keys, 0.0)
-  print(f'milliseconds per call; "default" = XLA default options, "jax" = '
-        f'ssd_jax options {options}')
+  print(f'milliseconds per call; "default" = XLA's convolution, default '
+        f'options; "jax" = ssd_jax: options {options}, W = Winograd')
   print(f'{"layer":12s}' + ''.join(f'{k:>10s}' for k in (
       'default', 'jax', 'torch', 'default', 'jax', 'torch', 'f+b')))
   print(f'{"":12s}' + ''.join(f'{k:>10s}' for k in (
@@ -133,16 +146,17 @@ def main():
   for name, *shape, count in LAYERS:
     if chosen and name not in chosen:
       continue
-    default_fwd, default_bwd = jax_fns(*shape, args.batch_size, None)
-    jax_fwd, jax_bwd = jax_fns(*shape, args.batch_size, options)
+    default_fwd, default_bwd = jax_fns(*shape, args.batch_size, None, False)
+    jax_fwd, jax_bwd = jax_fns(*shape, args.batch_size, options, True)
     torch_fwd, torch_bwd = torch_fns(*shape, args.batch_size)
     fns = (default_fwd, jax_fwd, torch_fwd, default_bwd, jax_bwd, torch_bwd)
-    row = {'layer': name, 'count': count}
+    row = {'layer': name, 'count': count,
+           'winograd': uses_winograd(*shape)}
     for key, fn in zip(keys, fns):
       row[key] = median_ms(fn, args.repeats)
       totals[key] += count * row[key]
     rows.append(row)
-    _print_row(name, row, keys)
+    _print_row(name + (' W' if row['winograd'] else ''), row, keys)
   _print_row('total', totals, keys)
   print(json.dumps({'batch_size': args.batch_size,
                     'compiler_options': options,

@@ -17,6 +17,9 @@ def test_conv_layers_profile_reports_both_frameworks():
   assert [row['layer'] for row in report['rows']] == ['conv5_x', 'fc7']
   assert report['compiler_options'] == {
       'xla_cpu_experimental_ynn_fusion_type': ''}
+  # conv5_x (512 -> 512, 3x3) runs as Winograd in the model on CPU; fc7
+  # (1x1) does not.
+  assert [row['winograd'] for row in report['rows']] == [True, False]
   for row in report['rows']:
     for key in ('xla_default_fwd', 'jax_fwd', 'torch_fwd',
                 'xla_default_fwd_bwd', 'jax_fwd_bwd', 'torch_fwd_bwd'):
