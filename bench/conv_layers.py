@@ -137,7 +137,7 @@ def main():
   keys = ('xla_default_fwd', 'jax_fwd', 'torch_fwd', 'xla_default_fwd_bwd',
           'jax_fwd_bwd', 'torch_fwd_bwd')
   rows, totals = [], dict.fromkeys(keys, 0.0)
-  print(f'milliseconds per call; "default" = XLA's convolution, default '
+  print('milliseconds per call; "default" = XLA\'s convolution, default '
         f'options; "jax" = ssd_jax: options {options}, W = Winograd')
   print(f'{"layer":12s}' + ''.join(f'{k:>10s}' for k in (
       'default', 'jax', 'torch', 'default', 'jax', 'torch', 'f+b')))
