@@ -3,16 +3,16 @@
 Two departures from nnx.Conv, both for speed on CPU, both equal to it up to
 float rounding:
 
-* On CPU, 3x3 stride-1 convolutions with 256 or more output channels run as
-  Winograd F(2x2, 3x3) (ssd_jax/models/winograd.py): for SSD300's conv3_x to
-  conv5_x it takes 20-35% less time forward + backward than XLA's direct
-  convolution (bench/conv_layers.py); narrower layers gain nothing.
-* XLA:CPU reduces a [B, H, W, C] gradient over (B, H, W) slowly: it splits the
-reduction into a tree of windowed reductions that run several times slower
-than reading the tensor (14 ms instead of 3.5 ms for SSD300's conv1 at batch
-4, 6-7x on the deeper layers; bench/conv_layers.py measures the train step).
-Summing the rows of the [B*H, W*C] matrix first, then the W rows of the
-[W, C] result, gives the same sums (in another order) at memory speed.
+* On CPU, 3x3 stride-1 convolutions that are wide enough (`use_winograd`)
+  run as Winograd F(2x2, 3x3) (ssd_jax/models/winograd.py): for SSD300's
+  conv2_1 to conv4_3 and the conv4_3 head it takes 15-37% less time forward
+  + backward than XLA's direct convolution (bench/conv_layers.py).
+* The bias gradient: XLA:CPU reduces a [B, H, W, C] gradient over (B, H, W)
+  slowly, as a tree of windowed reductions (14 ms for SSD300's conv1_2 at
+  batch 4, where reading the tensor takes 3.5 ms; 3-7x slower than reading
+  on the other layers). `add_bias` sums the rows of the [B*H, W*C] matrix,
+  then the W rows of the [W, C] result: the same sums, in another order, at
+  memory speed (the SSD300 train step at batch 4: 3% faster).
 """
 
 import jax
@@ -57,16 +57,9 @@ class Conv(nnx.Conv):
 
   def __call__(self, x):
     dtype = self.dtype or x.dtype
-    x = x.astype(dtype)
-    kernel = self.kernel[...].astype(dtype)
-    strides = _pair(self.strides or 1)
-    dilation = _pair(self.kernel_dilation or 1)
-    if use_winograd(kernel.shape, strides, self.padding, dilation, dtype):
-      y = winograd.conv3x3(x, kernel)
-    else:
-      y = jax.lax.conv_general_dilated(
-          x, kernel, strides, self.padding, rhs_dilation=dilation,
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = conv(x.astype(dtype), self.kernel[...].astype(dtype),
+             _pair(self.strides or 1), self.padding,
+             _pair(self.kernel_dilation or 1))
     return add_bias(y, self.bias[...].astype(dtype))
 
 
@@ -74,11 +67,34 @@ def _pair(v):
   return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def conv(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1)),
+         dilation=(1, 1)):
+  """x [N, H, W, C] * kernel [kh, kw, C, O] -> [N, H', W', O], no bias.
+
+  Winograd where `use_winograd` says so, else XLA's convolution.
+  """
+  if use_winograd(kernel.shape, strides, padding, dilation, x.dtype):
+    return winograd.conv3x3(x, kernel)
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, rhs_dilation=dilation,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 def use_winograd(kernel_shape, strides, padding, dilation, dtype):
-  """Whether `Conv` runs this convolution as Winograd F(2x2, 3x3)."""
-  padding = tuple(_pair(p) for p in padding) if not isinstance(padding, str) else padding
+  """Whether `conv` runs this convolution as Winograd F(2x2, 3x3).
+
+  On CPU, in float32, for 3x3 stride-1 convolutions padded by 1 whose
+  channel counts have a harmonic mean of 80 or more: the matrix products
+  Winograd shrinks grow with in x out channels, its transforms with in + out,
+  and on SSD300's shapes it won forward + backward from conv2_1 (64 -> 128)
+  on and lost on conv1_2 (64 -> 64).
+  """
+  if not isinstance(padding, str):
+    padding = tuple(_pair(p) for p in padding)
+  _, _, channels_in, channels_out = kernel_shape
   return (jax.default_backend() == 'cpu' and
           jnp.dtype(dtype) == jnp.float32 and
-          tuple(kernel_shape[:2]) == (3, 3) and kernel_shape[3] >= 256 and
-          strides == (1, 1) and dilation == (1, 1) and
+          tuple(kernel_shape[:2]) == (3, 3) and
+          2 * channels_in * channels_out >= 80 * (channels_in + channels_out) and
+          tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and
           padding == ((1, 1), (1, 1)))

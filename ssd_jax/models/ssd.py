@@ -47,9 +47,8 @@ class BoxPredictor(nnx.Module):
       kernel = jnp.concatenate([cls_conv.kernel[...], reg_conv.kernel[...]],
                                axis=-1).astype(self.dtype)
       bias = jnp.concatenate([cls_conv.bias[...], reg_conv.bias[...]])
-      out = layers.add_bias(jax.lax.conv_general_dilated(
-          feature.astype(self.dtype), kernel, (1, 1), ((1, 1), (1, 1)),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC')), bias.astype(self.dtype))
+      out = layers.add_bias(layers.conv(feature.astype(self.dtype), kernel),
+                            bias.astype(self.dtype))
       num_cls_channels = cls_conv.kernel.shape[-1]
       logits.append(out[..., :num_cls_channels].reshape(
           batch, -1, self.num_classes))

@@ -46,7 +46,11 @@ def _tiles(height, width):
 
 
 def _transform_input(x):
-  """x [N, H, W, C] -> V [16, N * th * tw, C] (tile index 4 * p + q)."""
+  """x [N, H, W, C] -> V: 16 arrays [N * th * tw, C] (index 4 * p + q).
+
+  Lists of 16 arrays rather than one stacked array: XLA:CPU would copy the
+  16 pieces into the stack, and the 16 products can run concurrently.
+  """
   n, h, w, c = x.shape
   th, tw = _tiles(h, w)
   xp = jnp.pad(x, ((0, 0), (1, 1 + 2 * th - h), (1, 1 + 2 * tw - w), (0, 0)))
@@ -54,16 +58,17 @@ def _transform_input(x):
   v = []
   for r in rows:
     v += _bt([r[:, :, b:b + 2 * tw:2] for b in range(4)])
-  return jnp.stack(v).reshape(16, n * th * tw, c)
+  return [vk.reshape(n * th * tw, c) for vk in v]
 
 
 def _transform_input_adjoint(dv, shape):
-  """The adjoint of `_transform_input`: [16, T, C] -> [N, H, W, C]."""
+  """The adjoint of `_transform_input`: 16 x [T, C] -> [N, H, W, C]."""
   n, h, w, c = shape
   th, tw = _tiles(h, w)
-  dv = dv.reshape(4, 4, n, th, tw, c)
+  dv = [[dv[4 * p + q].reshape(n, th, tw, c) for q in range(4)]
+        for p in range(4)]
   # e[a][b]: the cotangent of input tile element (a, b), [N, th, tw, C].
-  cols = [_bt_adjoint([dv[p, q] for q in range(4)]) for p in range(4)]
+  cols = [_bt_adjoint([dv[p][q] for q in range(4)]) for p in range(4)]
   e = [[None] * 4 for _ in range(4)]
   for b in range(4):
     column = _bt_adjoint([cols[p][b] for p in range(4)])
@@ -87,18 +92,18 @@ def _transform_input_adjoint(dv, shape):
 
 
 def _transform_output(m, shape):
-  """M [16, T, O] -> y [N, H, W, O]."""
+  """M: 16 x [T, O] -> y [N, H, W, O]."""
   n, h, w, _ = shape
   th, tw = _tiles(h, w)
-  m = m.reshape(4, 4, n, th, tw, -1)
-  rows = _at([m[a] for a in range(4)])  # rows[p]: [4(b), N, th, tw, O]
-  y = [_at([r[b] for b in range(4)]) for r in rows]  # y[p][q]
+  m = [mk.reshape(n, th, tw, -1) for mk in m]
+  rows = [_at([m[4 * a + b] for a in range(4)]) for b in range(4)]  # [b][p]
+  y = [_at([rows[b][p] for b in range(4)]) for p in range(2)]  # y[p][q]
   y = jnp.stack([jnp.stack(y[p], axis=3) for p in range(2)], axis=2)
   return y.reshape(n, 2 * th, 2 * tw, -1)[:, :h, :w]
 
 
 def _transform_output_adjoint(dy):
-  """The adjoint of `_transform_output`: [N, H, W, O] -> [16, T, O]."""
+  """The adjoint of `_transform_output`: [N, H, W, O] -> 16 x [T, O]."""
   n, h, w, o = dy.shape
   th, tw = _tiles(h, w)
   dy = jnp.pad(dy, ((0, 0), (0, 2 * th - h), (0, 2 * tw - w), (0, 0)))
@@ -109,7 +114,7 @@ def _transform_output_adjoint(dy):
   for a_col in zip(*[_at_adjoint([rows[p][b] for p in range(2)])
                      for b in range(4)]):
     dm += list(a_col)  # a_col[b] for fixed a
-  return jnp.stack(dm).reshape(16, n * th * tw, o)
+  return [dmk.reshape(n * th * tw, o) for dmk in dm]
 
 
 def _transform_kernel(kernel):
@@ -120,8 +125,12 @@ def _transform_kernel(kernel):
   return u.reshape(16, *kernel.shape[2:])
 
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
 def _matmul(v, u):
-  return jnp.einsum('ktc,kco->kto', v, u, precision=jax.lax.Precision.HIGHEST)
+  """16 x [T, C] times U [16, C, O] -> 16 x [T, O]."""
+  return [jnp.dot(vk, u[k], precision=_HIGHEST) for k, vk in enumerate(v)]
 
 
 @jax.custom_vjp
@@ -140,8 +149,9 @@ def _conv3x3_fwd(x, kernel):
 def _conv3x3_bwd(residuals, dy):
   v, u, shape = residuals
   dm = _transform_output_adjoint(dy)
-  dv = jnp.einsum('kto,kco->ktc', dm, u, precision=jax.lax.Precision.HIGHEST)
-  du = jnp.einsum('ktc,kto->kco', v, dm, precision=jax.lax.Precision.HIGHEST)
+  dv = [jnp.dot(dmk, u[k].T, precision=_HIGHEST) for k, dmk in enumerate(dm)]
+  du = jnp.stack([jnp.dot(vk.T, dmk, precision=_HIGHEST)
+                  for vk, dmk in zip(v, dm)])
   g = jnp.asarray(_G, du.dtype)
   dkernel = jnp.einsum('pa,qb,pqco->abco', g, g, du.reshape(4, 4, *du.shape[1:]),
                        precision=jax.lax.Precision.HIGHEST)
