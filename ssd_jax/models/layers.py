@@ -92,9 +92,10 @@ def use_winograd(kernel_shape, strides, padding, dilation, dtype):
   if not isinstance(padding, str):
     padding = tuple(_pair(p) for p in padding)
   _, _, channels_in, channels_out = kernel_shape
+  harmonic_mean = 2 * channels_in * channels_out / (channels_in + channels_out)
   return (jax.default_backend() == 'cpu' and
           jnp.dtype(dtype) == jnp.float32 and
           tuple(kernel_shape[:2]) == (3, 3) and
-          2 * channels_in * channels_out >= 80 * (channels_in + channels_out) and
+          harmonic_mean >= 80 and
           tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and
           padding == ((1, 1), (1, 1)))
