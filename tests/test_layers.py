@@ -115,3 +115,15 @@ def test_conv_equals_nnx_conv_with_the_same_parameters(kwargs):
   np.testing.assert_allclose(our_loss, ref_loss, rtol=1e-5)
   for name in ('kernel', 'bias'):
     assert_close_relative(our_grads[name][...], ref_grads[name][...], 1e-5)
+
+
+def test_conv_without_bias_and_unsupported_options():
+  conv = layers.Conv(4, 8, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                     rngs=nnx.Rngs(0))
+  x = jnp.ones((1, 5, 5, 4), jnp.float32)
+  np.testing.assert_allclose(conv(x), direct_conv(x, conv.kernel[...]),
+                             rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='feature groups'):
+    layers.Conv(4, 8, (3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='input dilation'):
+    layers.Conv(4, 8, (3, 3), input_dilation=2, rngs=nnx.Rngs(0))

@@ -47,19 +47,28 @@ def bias_gradient(dy):
 
 
 class Conv(nnx.Conv):
-  """nnx.Conv for NHWC input whose bias is added with `add_bias`.
+  """nnx.Conv for NHWC input, through `conv`, its bias added with `add_bias`.
 
-  Same parameters (`kernel` [kh, kw, in, out], `bias` [out]), the same
-  arguments and the same outputs as nnx.Conv; strides, padding and
-  kernel_dilation must be given as ints or per-axis tuples, padding as
-  explicit (low, high) pairs or 'SAME' / 'VALID'.
+  Same parameters (`kernel` [kh, kw, in, out], `bias` [out]) and outputs as
+  nnx.Conv. Strides and kernel_dilation are ints or per-axis tuples, padding
+  explicit (low, high) pairs or 'SAME' / 'VALID'; feature groups, input
+  dilation and masks are not supported (a ValueError says so).
   """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    if (self.feature_group_count != 1 or self.mask is not None or
+        _pair(self.input_dilation or 1) != (1, 1)):
+      raise ValueError('layers.Conv supports neither feature groups, nor '
+                       'input dilation, nor masks; use nnx.Conv')
 
   def __call__(self, x):
     dtype = self.dtype or x.dtype
     y = conv(x.astype(dtype), self.kernel[...].astype(dtype),
              _pair(self.strides or 1), self.padding,
              _pair(self.kernel_dilation or 1))
+    if self.bias is None:
+      return y
     return add_bias(y, self.bias[...].astype(dtype))
 
 

@@ -135,9 +135,9 @@ class VGGBackbone(nnx.Module):
     specs.append((fc_width, fc_width, 1, 0, 1))  # conv7
     self.vgg = nnx.List([
         layers.Conv(i, o, (k, k), padding=((p, p), (p, p)),
-                 kernel_dilation=(d, d), dtype=dtype,
-                 kernel_init=torch_default_conv_init(i * k * k),
-                 bias_init=torch_default_conv_init(i * k * k), rngs=rngs)
+                    kernel_dilation=(d, d), dtype=dtype,
+                    kernel_init=torch_default_conv_init(i * k * k),
+                    bias_init=torch_default_conv_init(i * k * k), rngs=rngs)
         for i, o, k, p, d in specs])
     self.norms = nnx.List([
         nnx.BatchNorm(o, momentum=0.9, dtype=dtype, rngs=rngs)
