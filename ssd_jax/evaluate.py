@@ -1,17 +1,24 @@
 """VOC evaluation of a detector: device forward, host NMS, VOC AP.
 
-`evaluate` only sees a `predict_fn` (images -> raw head outputs) and a stream
+`Evaluator` evaluates every dataset of `config.data.test` for the trainer and
+eval.py and reports the results (log table, JSON, TensorBoard). `evaluate`
+only sees a `predict_fn` (images -> raw head outputs) and a stream
 of eval batches, so it serves eval.py, the trainer's periodic evaluation and
 the benchmarks alike. While the host post-processes batch k the device
 already computes batch k+1 (JAX dispatch is asynchronous).
 """
 
+import json
 import math
+import os
 
+import jax
 import numpy as np
 import tqdm
 
 from ssd_jax import postprocess
+from ssd_jax import train_lib
+from ssd_jax import visualize
 from ssd_jax import voc_eval
 
 
@@ -132,3 +139,92 @@ def result_json(result, class_names, step):
 def result_text(result, class_names):
   """The reference's printed table ("mAP: 0.7740", then one line a class)."""
   return voc_eval.format_results(result['ap'], result['map'], class_names)
+
+
+class Evaluator:
+  """Evaluates every dataset of config.data.test and reports the results.
+
+  Per dataset: the reference's table in the log, W/eval/<dataset>_<step>.json,
+  TensorBoard scalars `metrics/<dataset>/mAP` (and per class) and a few test
+  images with their detections drawn.
+  """
+
+  def __init__(self, config, workdir, model_def, mesh, priors, writer, logger,
+               num_images_drawn=4):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = mesh
+    self.priors = priors
+    self.writer = writer
+    self.logger = logger
+    self.num_images_drawn = num_images_drawn
+    self.predict_step = train_lib.make_predict_step(model_def)
+
+  def _predict_fn(self, state):
+    if jax.process_count() == 1:
+      def predict(images):  # spread the batch over all devices
+        return self.predict_step(state,
+                                 train_lib.global_batch(images, self.mesh))
+      return predict
+    # Several hosts: process 0 evaluates alone on its first device.
+    local = jax.tree.map(lambda x: x.addressable_data(0), state)
+    return lambda images: self.predict_step(local, images)
+
+  def _batch_size(self):
+    devices = jax.device_count() if jax.process_count() == 1 else 1
+    return -(-self.config.test.batch_size // devices) * devices
+
+  def __call__(self, state, step):
+    """Returns {dataset name: evaluate() result} (empty on other hosts)."""
+    from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    if jax.process_index() != 0:
+      return {}
+    predict = self._predict_fn(state)
+    class_names = self.config.data.class_names
+    results = {}
+    for name in self.config.data.test:
+      batches = pipeline.create_eval_iterator(
+          self.config, name, batch_size=self._batch_size(), process_index=0,
+          process_count=1)
+      self.logger.info('Evaluating %s dataset(%d images):', name,
+                       pipeline.num_examples(self.config, name))
+      result = evaluate(predict, batches, self.priors, self.config,
+                                 class_names)
+      results[name] = result
+      self.logger.info('%s', result_text(result, class_names))
+      self._write(name, step, result, class_names)
+      first_batch = next(iter(pipeline.create_eval_iterator(
+          self.config, name, batch_size=self.num_images_drawn,
+          process_index=0, process_count=1)))
+      self.writer.write_images(step, {f'detections/{name}': self._drawings(
+          first_batch, result['detections'][:self.num_images_drawn])})
+    self.writer.flush()
+    return results
+
+  def _write(self, name, step, result, class_names):
+    record = result_json(result, class_names, step)
+    os.makedirs(os.path.join(self.workdir, 'eval'), exist_ok=True)
+    path = os.path.join(self.workdir, 'eval', f'{name}_{step}.json')
+    with open(path, 'w') as f:
+      json.dump(record, f, indent=1)
+    scalars = {f'metrics/{name}/mAP': result['map'],
+               f'metrics/{name}/mAP_area': result['map_area']}
+    for class_name, ap in record['ap'].items():
+      if ap is not None:
+        scalars[f'metrics/{name}/{class_name}'] = ap
+    self.writer.write_scalars(step, scalars)
+
+  def _drawings(self, batch, detections):
+    """Detections drawn on the network inputs: [N, S, S, 3] uint8."""
+    size = self.config.input.image_size
+    mean = np.asarray(self.config.input.pixel_mean, np.float32)
+    drawn = []
+    for image, orig_size, det in zip(batch['image'], batch['orig_size'],
+                                     detections):
+      pixels = np.clip(np.round(image + mean), 0, 255).astype(np.uint8)
+      height, width = (float(v) for v in orig_size)
+      scale = np.array([size / width, size / height] * 2, np.float32)
+      drawn.append(visualize.draw_detections(
+          pixels, det['boxes'] * scale, det['labels'], det['scores'],
+          self.config.data.class_names))
+    return np.stack(drawn)
