@@ -31,6 +31,8 @@ def get_config():
   model.dtype = 'float32'
 
   model.backbone = backbone = ml_collections.ConfigDict()
+  # 'vgg', 'mobilenet_v2', 'mobilenet_v3' or 'efficientnet_b3'
+  # (ssd_jax.models.backbones.BACKBONES).
   backbone.name = 'vgg'
   backbone.out_channels = (512, 1024, 512, 256, 256, 256)
   # Path or URL of the VGG16 reduced-fc weights; '' = random initialisation.
@@ -45,6 +47,11 @@ def get_config():
   # kernel x kernel conv, both followed by ReLU.
   backbone.extras = ((256, 512, 3, 2, 1), (128, 256, 3, 2, 1),
                      (128, 256, 3, 1, 0), (128, 256, 3, 1, 0))
+
+  model.box_head = box_head = ml_collections.ConfigDict()
+  box_head.name = 'SSDBoxHead'
+  # 'ssd' (3x3 convs, SSDBoxPredictor) or 'ssdlite' (SSDLiteBoxPredictor).
+  box_head.predictor = 'ssd'
 
   model.priors = priors = ml_collections.ConfigDict()
   priors.feature_maps = (38, 19, 10, 5, 3, 1)

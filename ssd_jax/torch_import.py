@@ -3,11 +3,16 @@
 Two kinds of file:
   (a) a full reference checkpoint: a dict whose 'model' entry is the
       SSDDetector state dict (or that state dict itself), keys
-      `backbone.vgg.N.*`, `backbone.l2_norm.weight`, `backbone.extras.N.*`,
-      `box_head.predictor.{cls,reg}_headers.N.*`;
-  (b) the VGG16 reduced-fc backbone (vgg16_reducedfc.pth), keys `N.weight`,
-      `N.bias` of the VGG ModuleList.
-Conv weights are OIHW there and HWIO here.
+      `backbone.*` (e.g. `backbone.vgg.N.*`, `backbone.l2_norm.weight`,
+      `backbone.extras.N.*`) and `box_head.predictor.{cls,reg}_headers.N.*`;
+  (b) an ImageNet backbone the reference starts from: vgg16_reducedfc.pth
+      (keys `N.weight`, `N.bias` of the VGG ModuleList), torchvision's
+      MobileNetV2, the MobileNetV3 of d-li14/mobilenetv3.pytorch, or the
+      EfficientNet weights (see load_pretrained_backbone).
+Every backbone and predictor names its variables by reference key
+(`torch_entries`). Conv weights are OIHW there and HWIO here, Linear
+weights [out, in] there and [in, out] here; BatchNorm running statistics are
+imported, `num_batches_tracked` is ignored.
 
 Command line (writes an Orbax checkpoint that eval.py can evaluate):
   python -m ssd_jax.torch_import --checkpoint=F.pth \
@@ -23,73 +28,60 @@ from ssd_jax.models import vgg as vgg_lib
 
 
 def torch_vgg_indices():
-  """Index of each of our `backbone.vgg[i]` convs in the reference ModuleList.
+  """Index of each of our `backbone.vgg[i]` convs in the reference ModuleList."""
+  return vgg_lib.torch_vgg_indices()
 
-  The reference list holds conv, ReLU and pool modules: 0, 2, 5, ..., 28 for
-  the VGG16 convs, 31 for conv6 and 33 for conv7.
+
+def _convert(value, variable, kind):
+  """A PyTorch-layout array -> the layout of `variable` (None if misshapen)."""
+  want = tuple(variable.shape)
+  if kind in ('conv', 'depthwise'):
+    # OIHW -> HWIO; a depthwise [C, 1, kh, kw] becomes [kh, kw, 1, C].
+    torch_shape = (want[3], want[2], want[0], want[1])
+    transpose = (2, 3, 1, 0)
+  elif kind == 'linear':
+    torch_shape, transpose = (want[1], want[0]), (1, 0)
+  elif kind == 'vector':
+    torch_shape, transpose = want, None
+  else:
+    raise ValueError(f'unknown torch entry kind {kind!r}')
+  if value.shape != torch_shape:
+    return None, torch_shape
+  return (value if transpose is None else value.transpose(transpose)), None
+
+
+def _assign(entries, state_dict, source, strict=True):
+  """Copies `state_dict` arrays into the model variables named by `entries`.
+
+  `entries`: {state-dict key: (nnx.Variable, kind)} (see
+  ssd_jax.models.backbones). Keys ending in `num_batches_tracked` are ignored.
+  strict: every entry and every key must match (one KeyError names the
+  missing and unexpected keys); strict=False takes the keys that both have,
+  as PyTorch's load_state_dict(strict=False). Returns the keys taken.
   """
-  indices, position = [], 0
-  for layer in vgg_lib.VGG16_LAYERS:
-    if isinstance(layer, str):
-      position += 1  # pool
-    else:
-      indices.append(position)
-      position += 2  # conv, relu
-  position += 1  # pool5
-  indices += [position, position + 2]  # conv6, relu, conv7
-  return indices
-
-
-def _conv_entries(prefix, conv):
-  return {f'{prefix}.weight': (conv.kernel, 'conv'),
-          f'{prefix}.bias': (conv.bias, 'bias')}
-
-
-def _backbone_entries(model, prefix):
-  backbone = model.backbone
-  if backbone.norms is not None:
-    raise ValueError('PyTorch import supports the reference VGG (no '
-                     'BatchNorm); set model.backbone.batch_norm=False')
-  entries = {}
-  for ours, theirs in enumerate(torch_vgg_indices()):
-    entries.update(_conv_entries(f'{prefix}{theirs}', backbone.vgg[ours]))
-  return entries
-
-
-def _detector_entries(model):
-  entries = _backbone_entries(model, 'backbone.vgg.')
-  entries['backbone.l2_norm.weight'] = (model.backbone.l2_norm.weight, 'bias')
-  for i, conv in enumerate(model.extras.extras):
-    entries.update(_conv_entries(f'backbone.extras.{i}', conv))
-  head = model.box_head
-  for l, conv in enumerate(head.cls_headers):
-    entries.update(_conv_entries(f'box_head.predictor.cls_headers.{l}', conv))
-  for l, conv in enumerate(head.reg_headers):
-    entries.update(_conv_entries(f'box_head.predictor.reg_headers.{l}', conv))
-  return entries
-
-
-def _assign(entries, state_dict, source):
-  """Copies `state_dict` arrays into the model params named by `entries`."""
-  missing = sorted(set(entries) - set(state_dict))
-  unexpected = sorted(set(state_dict) - set(entries))
-  if missing or unexpected:
-    raise KeyError(
-        f'{source}: state dict does not fit the model of this config. '
-        f'Missing keys: {missing or "none"}; unexpected keys: '
-        f'{unexpected or "none"}')
+  state_dict = {k: v for k, v in state_dict.items()
+                if not k.endswith('num_batches_tracked')}
+  if strict:
+    missing = sorted(set(entries) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(entries))
+    if missing or unexpected:
+      raise KeyError(
+          f'{source}: state dict does not fit the model of this config. '
+          f'Missing keys: {missing or "none"}; unexpected keys: '
+          f'{unexpected or "none"}')
+  taken = [key for key in entries if key in state_dict]
   converted = {}
-  for key, (param, kind) in entries.items():
+  for key in taken:
+    variable, kind = entries[key]
     value = np.asarray(state_dict[key], dtype=np.float32)
-    want = tuple(param.shape)
-    if kind == 'conv':
-      want = (want[3], want[2], want[0], want[1])  # HWIO -> OIHW
-    if value.shape != want:
+    converted[key], want = _convert(value, variable, kind)
+    if converted[key] is None:
       raise ValueError(f'{source}: {key} has shape {value.shape}, the model '
                        f'of this config expects {want}')
-    converted[key] = value.transpose(2, 3, 1, 0) if kind == 'conv' else value
-  for key, (param, _) in entries.items():
-    param.set_value(jnp.asarray(converted[key], jnp.float32))
+  for key in taken:
+    variable, _ = entries[key]
+    variable.set_value(jnp.asarray(converted[key], jnp.float32))
+  return taken
 
 
 def _to_numpy_state_dict(obj, source):
@@ -132,15 +124,49 @@ def detector_state_dict(obj, source='checkpoint'):
 
 
 def load_detector_state_dict(model, state_dict, source='state dict'):
-  """Sets every parameter of `model` from a reference SSDDetector state dict."""
-  _assign(_detector_entries(model), state_dict, source)
+  """Sets every parameter and BatchNorm statistic of `model` from a reference
+  SSDDetector state dict (any backbone and predictor)."""
+  _assign(model.torch_entries(), state_dict, source)
   return model
 
 
 def load_vgg_state_dict(model, state_dict, source='state dict'):
   """Sets the VGG convs of `model` from a vgg16_reducedfc state dict."""
-  _assign(_backbone_entries(model, ''), state_dict, source)
+  _assign(model.backbone.vgg_torch_entries(''), state_dict, source)
   return model
+
+
+def load_backbone_state_dict_non_strict(model, state_dict,
+                                        source='state dict'):
+  """The reference's `backbone.load_state_dict(weights, strict=False)`.
+
+  Takes every key of `state_dict` that names a variable of `model.backbone`
+  (in the reference's backbone layout, without the 'backbone.' prefix) and
+  leaves the others: the ImageNet classifier's keys are skipped, the
+  backbone's layers the file lacks keep their initialisation. A taken key of
+  the wrong shape is an error, as in PyTorch. Returns the keys taken.
+  """
+  taken = _assign(model.backbone.torch_entries(''), state_dict, source,
+                  strict=False)
+  if not taken:
+    raise ValueError(
+        f'{source}: no key fits the {type(model.backbone).__name__} backbone '
+        f'(first keys of the file: {sorted(state_dict)[:5]}); is it the '
+        'ImageNet checkpoint of model.backbone.name?')
+  return taken
+
+
+def load_pretrained_backbone(model, path, config):
+  """Loads the ImageNet weights at `path` as the reference does for
+  `config.model.backbone.name`: vgg16_reducedfc.pth strictly into the VGG
+  convs; the MobileNet and EfficientNet files non-strictly into the
+  backbone. Returns the state-dict keys taken."""
+  name = config.model.backbone.name
+  state_dict = _to_numpy_state_dict(read_torch_file(path), path)
+  if name == 'vgg':
+    load_vgg_state_dict(model, state_dict, path)
+    return sorted(model.backbone.vgg_torch_entries(''))
+  return load_backbone_state_dict_non_strict(model, state_dict, path)
 
 
 def load_torch_checkpoint(path, config):

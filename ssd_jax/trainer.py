@@ -38,7 +38,8 @@ def pretrained_path(pretrained, cache_dir=None):
     if not os.path.exists(pretrained):
       raise FileNotFoundError(
           f'model.backbone.pretrained: {pretrained} does not exist. Point '
-          'it at vgg16_reducedfc.pth, or set --config.model.backbone.'
+          "it at the backbone's ImageNet weights (vgg16_reducedfc.pth for "
+          'VGG), or set --config.model.backbone.'
           "pretrained='' to start from random weights.")
     return pretrained
   cache_dir = cache_dir or os.environ.get('SSD_JAX_CACHE', DEFAULT_CACHE)
@@ -54,7 +55,7 @@ def pretrained_path(pretrained, cache_dir=None):
         f'Could not download the pretrained backbone {pretrained} ({e}). '
         f'Download it where you have internet and put it at {path} (or set '
         '$SSD_JAX_CACHE), pass --config.model.backbone.pretrained=/path/to/'
-        "vgg16_reducedfc.pth, or use --config.model.backbone.pretrained='' "
+        "the_file.pth, or use --config.model.backbone.pretrained='' "
         'for random initialisation.') from e
   with open(path + '.tmp', 'wb') as f:
     f.write(data)
@@ -135,7 +136,8 @@ def train_and_evaluate(config, workdir):
   if latest is None and config.model.backbone.pretrained:
     path = pretrained_path(config.model.backbone.pretrained)
     logger.info('Loading pretrained backbone from %s', path)
-    torch_import.load_pretrained_vgg(model, path)
+    taken = torch_import.load_pretrained_backbone(model, path, config)
+    logger.info('Pretrained backbone: %d arrays loaded', len(taken))
   tx = optim.create_optimizer(config)
   model_def, state = train_lib.create_train_state(model, tx, mesh)
   del model

@@ -1,10 +1,17 @@
-"""The reference fixtures' deterministic SSD300 weights ("weight recipe").
+"""The reference fixtures' deterministic weights ("weight recipes").
 
-Rebuilds, with numpy only, the PyTorch state dict that produced
-fixtures/model_ref.npz, postprocess.npz and voc_tiny_dets.npz (see
-fixtures/README.md): keys sorted by string order, key k drawn from
-RandomState(5000 + k); conv weights N(0, sqrt(2 / fan_in)) (the first conv
-scaled by 0.02), biases N(0, 0.01), the L2Norm scale 20.
+Rebuild, with numpy only, the PyTorch state dicts that produced the fixtures
+(see fixtures/README.md and fixtures/models/README.md):
+
+* `recipe_state_dict()`: the SSD300 recipe of model_ref.npz,
+  postprocess.npz and voc_tiny_dets.npz: keys sorted by string order, key k
+  drawn from RandomState(5000 + k); conv weights N(0, sqrt(2 / fan_in)) (the
+  first conv scaled by 0.02), biases N(0, 0.01), the L2Norm scale 20.
+* `model_recipe_state_dict(name)`: the weights of fixtures/models/NAME.npz:
+  the same VGG recipe with seed base 4000 for the vgg_* configs, the generic
+  recipe (`generic_recipe_state_dict`, BatchNorm statistics included) for
+  the others.
+* `model_input(name)`: the NHWC input of fixtures/models/NAME.npz.
 """
 
 import json
@@ -13,16 +20,31 @@ import os
 import numpy as np
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
+MODEL_FIXTURES = os.path.join(FIXTURES, 'models')
 
 
-def recipe_state_dict():
-  """{key: float32 array in PyTorch layout (OIHW)} of the SSD300 recipe."""
-  with open(os.path.join(FIXTURES, 'state_dict_shapes.json')) as f:
-    shapes = json.load(f)
+def _load_shapes(path):
+  with open(path) as f:
+    return json.load(f)  # keeps the reference's module order
+
+
+def model_shapes(name):
+  """{key: shape} of fixtures/models/NAME_shapes.json, in module order."""
+  return _load_shapes(os.path.join(MODEL_FIXTURES, f'{name}_shapes.json'))
+
+
+def recipe_state_dict(shapes=None, seed_base=5000):
+  """{key: float32 array in PyTorch layout (OIHW)} of the VGG-SSD recipe.
+
+  shapes: {key: shape} in module order (default: the SSD300 state dict of
+  fixtures/state_dict_shapes.json).
+  """
+  if shapes is None:
+    shapes = _load_shapes(os.path.join(FIXTURES, 'state_dict_shapes.json'))
   state_dict = {}
   for k, key in enumerate(sorted(shapes)):
     shape = tuple(shapes[key])
-    rs = np.random.RandomState(5000 + k)
+    rs = np.random.RandomState(seed_base + k)
     if key == 'backbone.l2_norm.weight':
       value = np.full(shape, 20.0)
     elif key.endswith('.weight'):
@@ -36,3 +58,55 @@ def recipe_state_dict():
     state_dict[key] = value.astype(np.float32)
   # Keep the reference's module order (the JSON's insertion order).
   return {key: state_dict[key] for key in shapes}
+
+
+def generic_recipe_state_dict(shapes, seed_base=4000):
+  """The recipe of fixtures/models/README.md for the non-VGG configs.
+
+  shapes: {key: shape} in module order. Key k of the sorted keys draws from
+  RandomState(seed_base + k): running means N(0, 0.1), running variances
+  U(0.5, 1.5), 1-D weights U(0.5, 1.5) (20 for an L2Norm), other weights
+  N(0, sqrt(1 / fan_in)) (x0.02 for the first 4-D key in module order),
+  biases N(0, 0.01); num_batches_tracked 0.
+  """
+  first_conv = next(key for key, shape in shapes.items() if len(shape) == 4)
+  state_dict = {}
+  for k, key in enumerate(sorted(shapes)):
+    shape = tuple(shapes[key])
+    rs = np.random.RandomState(seed_base + k)
+    if key.endswith('num_batches_tracked'):
+      state_dict[key] = np.zeros(shape, np.int64)
+      continue
+    if key.endswith('running_mean'):
+      value = rs.normal(0.0, 0.1, shape)
+    elif key.endswith('running_var'):
+      value = rs.uniform(0.5, 1.5, shape)
+    elif key.endswith('.weight') and len(shape) == 1:
+      value = (np.full(shape, 20.0) if 'l2_norm' in key
+               else rs.uniform(0.5, 1.5, shape))
+    elif key.endswith('.weight'):
+      std = np.sqrt(1.0 / np.prod(shape[1:]))
+      if key == first_conv:
+        std *= 0.02
+      value = rs.normal(0.0, std, shape)
+    else:
+      value = rs.normal(0.0, 0.01, shape)
+    state_dict[key] = value.astype(np.float32)
+  return {key: state_dict[key] for key in shapes}
+
+
+def model_recipe_state_dict(name):
+  """The state dict behind fixtures/models/NAME.npz (reference layout)."""
+  shapes = model_shapes(name)
+  if name.startswith('vgg_'):
+    return recipe_state_dict(shapes, seed_base=4000)
+  return generic_recipe_state_dict(shapes)
+
+
+def model_input(name, image_size):
+  """The [1, S, S, 3] float32 NHWC input of fixtures/models/NAME.npz."""
+  with np.load(os.path.join(MODEL_FIXTURES, f'{name}.npz')) as ref:
+    seed = int(ref['input_seed'])
+  images = np.random.RandomState(seed).normal(
+      0, 50, (1, 3, image_size, image_size)).astype(np.float32)
+  return images.transpose(0, 2, 3, 1)

@@ -58,7 +58,7 @@ def test_initialisation_as_reference():
   config = tiny_config()
   model = models.create_model(config)
   assert np.all(np.asarray(model.backbone.l2_norm.weight[...]) == 20.0)
-  for conv in list(model.extras.extras) + list(model.box_head.cls_headers):
+  for conv in list(model.backbone.extras) + list(model.box_head.cls_headers):
     assert np.all(np.asarray(conv.bias[...]) == 0)
     kh, kw, i, o = conv.kernel.shape
     limit = np.sqrt(6.0 / (kh * kw * (i + o)))  # xavier uniform

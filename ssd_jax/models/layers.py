@@ -108,3 +108,152 @@ def use_winograd(kernel_shape, strides, padding, dilation, dtype):
           harmonic_mean >= 80 and
           tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and
           padding == ((1, 1), (1, 1)))
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm over the last (channel) axis with PyTorch's semantics.
+
+  Training mode (`use_running_average=False`, what `model.train()` sets)
+  normalises with the batch's mean and biased variance and updates the
+  running statistics as torch.nn.BatchNorm2d does:
+  running = (1 - momentum) * running + momentum * batch, with the unbiased
+  variance (n / (n - 1)) in the running variance. Eval mode (`model.eval()`)
+  normalises with the running statistics. `momentum` is PyTorch's (the
+  weight of the new batch, 0.1 by default), not flax's decay.
+
+  Parameters `scale`, `bias` and the nnx.BatchStat statistics `mean`, `var`
+  are float32 whatever the compute dtype; statistics and the normalisation
+  are computed in float32, the output is cast to `dtype`.
+  """
+
+  def __init__(self, num_features, *, eps=1e-5, momentum=0.1,
+               dtype=jnp.float32, use_running_average=False, rngs=None):
+    del rngs  # deterministic init: scale 1, bias 0 (PyTorch's)
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.eps = eps
+    self.momentum = momentum
+    self.dtype = dtype
+    self.use_running_average = use_running_average
+
+  def __call__(self, x):
+    """x [..., C] -> [..., C] in `dtype`."""
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      count = x32.size // x32.shape[-1]
+      unbiased = var * (count / max(count - 1, 1))
+      m = self.momentum
+      self.mean[...] = jax.lax.stop_gradient(
+          (1 - m) * self.mean[...] + m * mean)
+      self.var[...] = jax.lax.stop_gradient(
+          (1 - m) * self.var[...] + m * unbiased)
+    multiplier = self.scale[...] * jax.lax.rsqrt(var + self.eps)
+    y = (x32 - mean) * multiplier + self.bias[...]
+    return y.astype(self.dtype)
+
+
+def conv2d(in_channels, out_channels, kernel_size, *, stride=1, padding=None,
+           groups=1, use_bias=True, dtype=jnp.float32, kernel_init=None,
+           bias_init=nnx.initializers.zeros_init(), rngs):
+  """A PyTorch-style Conv2d for NHWC input: `kernel` HWIO, `bias` [out].
+
+  `padding` None = (kernel_size - 1) // 2 on every side (PyTorch's usual
+  'same' for odd kernels). Grouped (e.g. depthwise: groups = in_channels)
+  convolutions are an nnx.Conv with feature_group_count (kernel
+  [kh, kw, in / groups, out]); the others a layers.Conv.
+  """
+  if padding is None:
+    padding = (kernel_size - 1) // 2
+  kwargs = dict(strides=(stride, stride),
+                padding=((padding, padding), (padding, padding)),
+                use_bias=use_bias, dtype=dtype, bias_init=bias_init, rngs=rngs)
+  if kernel_init is not None:
+    kwargs['kernel_init'] = kernel_init
+  size = (kernel_size, kernel_size)
+  if groups == 1:
+    return Conv(in_channels, out_channels, size, **kwargs)
+  return nnx.Conv(in_channels, out_channels, size,
+                  feature_group_count=groups, **kwargs)
+
+
+def relu6(x):
+  return jnp.clip(x, 0, 6)
+
+
+def hard_sigmoid(x):
+  """relu6(x + 3) / 6, MobileNetV3's h_sigmoid."""
+  return relu6(x + 3) / 6
+
+
+def hard_swish(x):
+  """x * relu6(x + 3) / 6, MobileNetV3's h_swish."""
+  return x * hard_sigmoid(x)
+
+
+# Entries of `torch_entries` methods: {PyTorch state-dict key: (variable,
+# kind)}. Kinds: 'conv' (OIHW -> HWIO), 'depthwise' ([C, 1, kh, kw] -> HWIO
+# [kh, kw, 1, C], the same transpose), 'linear' ([out, in] -> [in, out]),
+# 'vector' (1-D, copied).
+
+
+def conv_entries(key, conv):
+  """A Conv2d's `key.weight` (and `key.bias` when it has one)."""
+  kind = 'depthwise' if getattr(conv, 'feature_group_count', 1) > 1 else 'conv'
+  entries = {f'{key}.weight': (conv.kernel, kind)}
+  if conv.bias is not None:
+    entries[f'{key}.bias'] = (conv.bias, 'vector')
+  return entries
+
+
+def batch_norm_entries(key, norm):
+  """A BatchNorm2d's weight, bias, running_mean and running_var."""
+  return {f'{key}.weight': (norm.scale, 'vector'),
+          f'{key}.bias': (norm.bias, 'vector'),
+          f'{key}.running_mean': (norm.mean, 'vector'),
+          f'{key}.running_var': (norm.var, 'vector')}
+
+
+def linear_entries(key, linear):
+  """A Linear's `key.weight` ([out, in] there, [in, out] here) and bias."""
+  entries = {f'{key}.weight': (linear.kernel, 'linear')}
+  if linear.bias is not None:
+    entries[f'{key}.bias'] = (linear.bias, 'vector')
+  return entries
+
+
+class ConvBN(nnx.Module):
+  """Conv2d without bias + BatchNorm (+ an optional activation after it).
+
+  `groups` as conv2d's (in_channels for a depthwise conv); `eps` and
+  `momentum` as BatchNorm's (PyTorch's meaning); the kernel initialiser
+  defaults to He normal over fan-out (PyTorch's kaiming_normal_(mode=
+  'fan_out'), what the reference's MobileNets use).
+  """
+
+  def __init__(self, in_channels, out_channels, kernel_size, *, stride=1,
+               padding=None, groups=1, activation=None, eps=1e-5,
+               momentum=0.1, dtype=jnp.float32, kernel_init=None, rngs):
+    if kernel_init is None:
+      kernel_init = nnx.initializers.variance_scaling(2.0, 'fan_out',
+                                                      'normal')
+    self.conv = conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                       padding=padding, groups=groups, use_bias=False,
+                       dtype=dtype, kernel_init=kernel_init, rngs=rngs)
+    self.norm = BatchNorm(out_channels, eps=eps, momentum=momentum,
+                          dtype=dtype)
+    self.activation = activation
+
+  def __call__(self, x):
+    x = self.norm(self.conv(x))
+    return x if self.activation is None else self.activation(x)
+
+  def torch_entries(self, conv_key, norm_key):
+    return {**conv_entries(conv_key, self.conv),
+            **batch_norm_entries(norm_key, self.norm)}

@@ -115,15 +115,18 @@ class L2Norm(nnx.Module):
 
 
 class VGGBackbone(nnx.Module):
-  """VGG16 convs, pool5 (3x3/1/1), conv6 (dilation 6), conv7; L2Norm(conv4_3).
+  """VGG16 convs, pool5 (3x3/1/1), conv6 (dilation 6), conv7, L2Norm(conv4_3)
+  and the extra feature layers: the reference's VGG backbone.
 
-  `vgg[i]` is the i-th convolution: 13 VGG16 convs, then conv6 and conv7.
+  `vgg[i]` is the i-th convolution (13 VGG16 convs, then conv6 and conv7);
+  `extras[2l]` is the 1x1 conv and `extras[2l+1]` the k x k conv of extra
+  level l, the reference's `backbone.extras` numbering. `extras` holds one
+  (mid_channels, out_channels, kernel, stride, padding) per extra level.
   """
 
-  def __init__(self, *, width_divisor=1, batch_norm=False,
+  def __init__(self, *, extras, width_divisor=1, batch_norm=False,
                dtype=jnp.float32, rngs):
     self.dtype = dtype
-    self.pools = tuple(v for v in VGG16_LAYERS if isinstance(v, str))
     widths = [v // width_divisor for v in VGG16_LAYERS if not isinstance(v, str)]
     fc_width = FC_WIDTH // width_divisor
     specs = []  # (in, out, kernel, padding, dilation)
@@ -143,7 +146,9 @@ class VGGBackbone(nnx.Module):
         nnx.BatchNorm(o, momentum=0.9, dtype=dtype, rngs=rngs)
         for _, o, _, _, _ in specs]) if batch_norm else None
     self.l2_norm = L2Norm(widths[CONV4_3_INDEX])
-    self.out_channels = (widths[CONV4_3_INDEX], fc_width)
+    self.extras = nnx.List(_extra_convs(fc_width, extras, dtype, rngs))
+    self.out_channels = (widths[CONV4_3_INDEX], fc_width) + tuple(
+        e[1] for e in extras)
 
   def _conv(self, i, x):
     x = self.vgg[i](x)
@@ -152,14 +157,13 @@ class VGGBackbone(nnx.Module):
     return jax.nn.relu(x)
 
   def __call__(self, x):
-    """[B, S, S, 3] -> (L2Norm(conv4_3) [B, s4, s4, C4], conv7 [B, s7, s7, C7])."""
+    """[B, S, S, 3] -> [L2Norm(conv4_3), conv7, extra levels...], NHWC."""
     x = x.astype(self.dtype)
-    conv_index, pool_index = 0, 0
+    conv_index = 0
     conv4_3 = None
     for layer in VGG16_LAYERS:
       if isinstance(layer, str):
         x = max_pool(x, 2, 2, ceil_mode=(layer == 'C'))
-        pool_index += 1
       else:
         x = self._conv(conv_index, x)
         if conv_index == CONV4_3_INDEX:
@@ -168,36 +172,70 @@ class VGGBackbone(nnx.Module):
     x = max_pool(x, 3, 1, padding=1)  # pool5
     x = self._conv(conv_index, x)  # conv6
     x = self._conv(conv_index + 1, x)  # conv7
-    return self.l2_norm(conv4_3), x
-
-
-class Extras(nnx.Module):
-  """Extra feature layers: per level a 1x1 conv then a k x k conv, ReLU after each.
-
-  `extras[2l]` is the 1x1 conv and `extras[2l+1]` the k x k conv of level l,
-  the reference's `backbone.extras` numbering.
-  """
-
-  def __init__(self, in_channels, specs, *, dtype=jnp.float32, rngs):
-    convs = []
-    for mid, out, kernel, stride, padding in specs:
-      convs.append(layers.Conv(
-          in_channels, mid, (1, 1), dtype=dtype,
-          kernel_init=nnx.initializers.xavier_uniform(),
-          bias_init=nnx.initializers.zeros_init(), rngs=rngs))
-      convs.append(layers.Conv(
-          mid, out, (kernel, kernel), strides=(stride, stride),
-          padding=((padding, padding), (padding, padding)), dtype=dtype,
-          kernel_init=nnx.initializers.xavier_uniform(),
-          bias_init=nnx.initializers.zeros_init(), rngs=rngs))
-      in_channels = out
-    self.extras = nnx.List(convs)
-
-  def __call__(self, x):
-    """conv7 output -> list of the feature maps after each odd conv."""
-    features = []
+    features = [self.l2_norm(conv4_3), x]
     for i, conv in enumerate(self.extras):
       x = jax.nn.relu(conv(x))
       if i % 2 == 1:
         features.append(x)
     return features
+
+  def vgg_torch_entries(self, prefix):
+    """The VGG convs under the reference's ModuleList indices (`prefix`N)."""
+    if self.norms is not None:
+      raise ValueError('PyTorch import supports the reference VGG (no '
+                       'BatchNorm); set model.backbone.batch_norm=False')
+    entries = {}
+    for ours, theirs in enumerate(torch_vgg_indices()):
+      entries.update(layers.conv_entries(f'{prefix}{theirs}', self.vgg[ours]))
+    return entries
+
+  def torch_entries(self, prefix='backbone.'):
+    """{reference state-dict key: (variable, kind)} of this backbone."""
+    entries = self.vgg_torch_entries(f'{prefix}vgg.')
+    entries[f'{prefix}l2_norm.weight'] = (self.l2_norm.weight, 'vector')
+    for i, conv in enumerate(self.extras):
+      entries.update(layers.conv_entries(f'{prefix}extras.{i}', conv))
+    return entries
+
+
+def _extra_convs(in_channels, specs, dtype, rngs):
+  """Per extra level a 1x1 conv to mid channels, then a k x k conv."""
+  convs = []
+  for mid, out, kernel, stride, padding in specs:
+    convs.append(layers.Conv(
+        in_channels, mid, (1, 1), dtype=dtype,
+        kernel_init=nnx.initializers.xavier_uniform(),
+        bias_init=nnx.initializers.zeros_init(), rngs=rngs))
+    convs.append(layers.Conv(
+        mid, out, (kernel, kernel), strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)), dtype=dtype,
+        kernel_init=nnx.initializers.xavier_uniform(),
+        bias_init=nnx.initializers.zeros_init(), rngs=rngs))
+    in_channels = out
+  return convs
+
+
+def torch_vgg_indices():
+  """Index of each of our `vgg[i]` convs in the reference's ModuleList.
+
+  The reference list holds conv, ReLU and pool modules: 0, 2, 5, ..., 28 for
+  the VGG16 convs, 31 for conv6 and 33 for conv7.
+  """
+  indices, position = [], 0
+  for layer in VGG16_LAYERS:
+    if isinstance(layer, str):
+      position += 1  # pool
+    else:
+      indices.append(position)
+      position += 2  # conv, relu
+  position += 1  # pool5
+  indices += [position, position + 2]  # conv6, relu, conv7
+  return indices
+
+
+def build(config, *, dtype, rngs):
+  """The VGG backbone of `config.model.backbone` (the BACKBONES entry)."""
+  b = config.model.backbone
+  return VGGBackbone(extras=tuple(tuple(e) for e in b.extras),
+                     width_divisor=b.width_divisor, batch_norm=b.batch_norm,
+                     dtype=dtype, rngs=rngs)
