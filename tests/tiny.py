@@ -46,3 +46,36 @@ def tiny_shapes_config(root, num_train=32, num_test=8):
   config.keep_checkpoints = 5
   config.model.backbone.batch_norm = True
   return config
+
+
+def tiny_mobilenet_config(name='mobilenet_v2', num_classes=4):
+  """The reference MobileNet-SSDLite (full width) on a 64-px input: feature
+  maps 4, 2, 1, 1, 1, 1, small priors; training values as tiny_config."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f'configs.{name}_ssd320_voc')
+  config = module.get_config()
+  base = tiny_config(num_classes)
+  config.model.num_classes = num_classes
+  config.model.backbone.pretrained = ''
+  p = config.model.priors
+  p.feature_maps = (4, 2, 1, 1, 1, 1)
+  p.strides = (16, 32, 64, 64, 64, 64)
+  p.min_sizes = (10, 20, 30, 40, 50, 56)
+  p.max_sizes = (20, 30, 40, 50, 56, 64)
+  p.aspect_ratios = ((2,), (2, 3), (2,), (2,), (2,), (2,))
+  p.boxes_per_location = (4, 6, 4, 4, 4, 4)
+  config.input.image_size = 64
+  config.data.class_names = base.data.class_names
+  config.data.max_boxes = base.data.max_boxes
+  config.solver.batch_size = base.solver.batch_size
+  return config
+
+
+def tiny_mobilenet_shapes_config(root, name='mobilenet_v2', num_train=32,
+                                 num_test=8):
+  """tiny_mobilenet_config on a small generated shapes dataset under `root`."""
+  config = tiny_shapes_config(root, num_train, num_test)
+  model = tiny_mobilenet_config(name, len(config.data.class_names)).model
+  config.model = model
+  config.input.image_size = 64
+  return config
