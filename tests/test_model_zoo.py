@@ -129,7 +129,7 @@ def test_bfloat16_keeps_batch_norm_statistics_float32(name):
   model.eval()
   cls_bf16, box_bf16 = _forward(model, images)
   config.model.dtype = 'float32'
-  reference = models.create_model(config)
+  reference = nnx.eval_shape(lambda: models.create_model(config))
   nnx.update(reference, nnx.state(model))  # same weights and statistics
   reference.eval()
   cls_f32, box_f32 = _forward(reference, images)
