@@ -71,6 +71,10 @@ def get_config():
   data.test = ('voc_2007_test',)
   # A VOCdevkit-style folder holding VOC2007/ and VOC2012/; '' = read TFDS.
   data.voc_root = ''
+  # A COCO folder holding train2014/, val2014/, train2017/, val2017/ and
+  # annotations/instances_<split>.json, for the coco_* datasets; '' = read
+  # TFDS coco/2017 (coco_2017_train / coco_2017_val only).
+  data.coco_root = ''
   data.tfds_data_dir = ''  # '' = the TFDS default (~/tensorflow_datasets).
   data.class_names = VOC_CLASSES  # index = label, 0 = background
   data.max_boxes = 64  # ground truth padded to this many boxes per image

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from ssd_jax.data import augment
+from ssd_jax.data import coco
 from ssd_jax.data import sources
 
 
@@ -65,16 +66,39 @@ class DataStats:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_index(voc_root, tfds_data_dir, class_names, dataset_name):
+def _cached_index(voc_root, coco_root, tfds_data_dir, class_names,
+                  dataset_name, training):
+  if coco.is_coco_dataset(dataset_name):
+    return coco.load_index(coco_root, tfds_data_dir, dataset_name,
+                           training=training)
   if voc_root:
     return sources.folder_index(voc_root, dataset_name, class_names)
   return sources.tfds_index(dataset_name, class_names, tfds_data_dir)
 
 
-def load_index(config, dataset_name):
-  """The (cached) index of one dataset; see sources.load_index."""
-  return _cached_index(config.data.voc_root, config.data.tfds_data_dir,
-                       tuple(config.data.class_names), dataset_name)
+def load_index(config, dataset_name, *, training=False):
+  """The (cached) index of one dataset; see sources.load_index.
+
+  Raises:
+    ValueError: a COCO dataset whose number of categories does not match
+      config.model.num_classes.
+  """
+  is_coco = coco.is_coco_dataset(dataset_name)
+  index = _cached_index(
+      config.data.voc_root, config.data.get('coco_root', ''),
+      config.data.tfds_data_dir,
+      () if is_coco else tuple(config.data.class_names), dataset_name,
+      training and is_coco)
+  if is_coco:
+    coco.check_num_classes(index.coco, config.model.num_classes, dataset_name)
+  return index
+
+
+def class_names(config, dataset_name):
+  """Names indexed by label: a COCO dataset's categories, else the config's."""
+  if coco.is_coco_dataset(dataset_name):
+    return load_index(config, dataset_name).coco.class_names
+  return tuple(config.data.class_names)
 
 
 def num_examples(config, dataset_name):
@@ -196,7 +220,8 @@ class TrainIterator:
     self._seed = int(config.seed)
     self.step = start_step
     index = sources.Index.concatenate(
-        [load_index(config, name) for name in config.data.train])
+        [load_index(config, name, training=True)
+         for name in config.data.train])
     if not len(index):
       raise ValueError(f'no usable training examples in {config.data.train}: '
                        f'{index.counts.summary()}')
@@ -330,7 +355,9 @@ class EvalIterable:
   VOC), `labels` int32 [b, Mx], `difficult` bool [b, Mx], `mask` bool
   [b, Mx], `valid` bool [b] (False for padding images and images that
   failed to decode). Mx = the dataset's largest object count (at least 1):
-  ground truth is never truncated.
+  ground truth is never truncated. COCO datasets: `image_id` is the COCO
+  image id (as a string), boxes follow data/coco.py (crowd boxes left out),
+  and `.coco` holds the category ids and COCOeval's ground truth.
   """
 
   def __init__(self, config, dataset_name, *, batch_size, process_index=None,
@@ -342,6 +369,10 @@ class EvalIterable:
     self._batch = _per_host_batch(batch_size, process_count)
     index = load_index(config, dataset_name)
     self._index = index
+    # COCO: label -> category ids and the ground truth (coco.CocoInfo).
+    self.coco = index.coco
+    self.class_names = (index.coco.class_names if index.coco is not None
+                        else tuple(config.data.class_names))
     self.stats = DataStats(index.counts)
     self.max_objects = max(index.max_objects, 1)
     self._examples = np.arange(process_index, len(index), process_count)

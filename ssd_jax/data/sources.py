@@ -56,6 +56,8 @@ SKIP_REASONS = {
     'truncated_image': 'the image file ends early',
     'unsupported_format': 'an image format TF cannot decode',
     'decode_error': 'the image failed to decode inside tf.data',
+    'no_annotations': 'COCO training image without annotations (as the '
+                      'reference)',
 }
 FIX_REASONS = {
     'size_from_image': 'XML without <size>: size read from the image',
@@ -70,6 +72,13 @@ FIX_REASONS = {
     'not_jpeg': 'a PNG/GIF/BMP under a .jpg name: decoded by content',
     'no_objects': 'training image without objects: kept as background',
     'too_many_boxes': 'training image with more than max_boxes: truncated',
+    'crowd': 'COCO crowd annotation: not a box (COCOeval still sees it)',
+    'box_empty': 'COCO box with w <= 0 or h <= 0: dropped',
+    'annotation_malformed': 'COCO annotation without image_id/category_id',
+    'annotation_unknown_image': 'COCO annotation of an image not in '
+                                '"images": dropped',
+    'unknown_category': 'COCO annotation of a category not in "categories": '
+                        'dropped',
 }
 
 
@@ -133,6 +142,9 @@ class Index:
     paths: [N] str image paths (folder backend), or None.
     blobs: [N] object array of encoded image bytes (TFDS backend), or None.
     counts: what was skipped or fixed while building the index.
+    coco: COCO datasets: `coco.CocoInfo` (image_ids are then the COCO image
+      ids as strings, boxes follow the COCO rules of data/coco.py); None for
+      VOC.
   """
   image_ids: np.ndarray
   sizes: np.ndarray
@@ -144,6 +156,7 @@ class Index:
   paths: np.ndarray | None
   blobs: np.ndarray | None
   counts: Counts
+  coco: object = None
 
   def __len__(self):
     return len(self.image_ids)
@@ -186,6 +199,15 @@ class Index:
       return indices[0]
     if len({ix.blobs is None for ix in indices}) != 1:
       raise ValueError('cannot mix folder and TFDS datasets in one index')
+    coco = indices[0].coco
+    if any((ix.coco is None) != (coco is None) or
+           (coco is not None and not coco.same_categories(ix.coco))
+           for ix in indices):
+      raise ValueError('cannot mix datasets with different classes (VOC and '
+                       'COCO, or COCO files with different categories) in '
+                       'one index')
+    if coco is not None and coco.annotations is not None:
+      raise ValueError('COCO evaluation indices are not concatenated')
     offsets = np.cumsum([0] + [ix.row_splits[-1] for ix in indices[:-1]])
     counts = Counts()
     for ix in indices:
@@ -200,7 +222,7 @@ class Index:
         paths=None if indices[0].paths is None else cat('paths'),
         blobs=None if indices[0].blobs is None else _object_array(
             [b for ix in indices for b in ix.blobs]),
-        counts=counts)
+        counts=counts, coco=coco)
 
 
 def _object_array(items):
@@ -310,11 +332,13 @@ def inspect_image(data, counts):
   return image_format == 'JPEG', (height, width)
 
 
-def validate_boxes(boxes, size, counts):
+def validate_boxes(boxes, size, counts, *, inset=1):
   """Makes pixel boxes consistent with an image of `size` = (height, width).
 
-  Inverted boxes and boxes entirely outside [0, W-1] x [0, H-1] are dropped,
-  boxes partly outside are clipped to it; all counted in `counts.fixed`.
+  Inverted boxes and boxes entirely outside [0, W-inset] x [0, H-inset] are
+  dropped, boxes partly outside are clipped to it; all counted in
+  `counts.fixed`. inset=1 for VOC's inclusive pixel coordinates, 0 for
+  COCO's continuous ones.
   Zero-area boxes are kept (the evaluator scores them as 1-pixel boxes, as
   the reference does); the training pipeline drops them.
 
@@ -324,10 +348,10 @@ def validate_boxes(boxes, size, counts):
   height, width = size
   x1, y1, x2, y2 = boxes.T
   inverted = (x2 < x1) | (y2 < y1)
-  outside = ~inverted & ((x1 > width - 1) | (y1 > height - 1) | (x2 < 0) |
-                         (y2 < 0))
+  outside = ~inverted & ((x1 > width - inset) | (y1 > height - inset) |
+                         (x2 < 0) | (y2 < 0))
   keep = ~inverted & ~outside
-  limits = np.array([width - 1, height - 1] * 2, np.float32)
+  limits = np.array([width - inset, height - inset] * 2, np.float32)
   clipped = np.clip(boxes, 0, limits)
   changed = keep & np.any(clipped != boxes, axis=1)
   counts.fixed['box_inverted'] += int(inverted.sum())
@@ -493,27 +517,36 @@ def tfds_index(dataset_name, class_names, data_dir=''):
 # -------------------------------------------------------------------- entry ---
 
 
-def load_index(config, dataset_name):
+def load_index(config, dataset_name, *, training=False):
   """Index of one dataset, from the backend the config picks.
 
   Args:
-    config: uses `data.voc_root` ('' = TFDS), `data.tfds_data_dir`,
-      `data.class_names`.
-    dataset_name: e.g. 'voc_2007_trainval'.
+    config: uses `data.voc_root` ('' = TFDS), `data.coco_root` (COCO
+      datasets, '' = TFDS), `data.tfds_data_dir`, `data.class_names` (VOC;
+      a COCO dataset's names come from its categories).
+    dataset_name: e.g. 'voc_2007_trainval', 'coco_2014_minival'.
+    training: COCO only: leave out images without annotations and keep no
+      ground truth for COCOeval (see data/coco.py).
 
   Raises:
     DatasetNotFoundError: the dataset is not there (the message says how to
       get it).
   """
+  from ssd_jax.data import coco  # pylint: disable=g-import-not-at-top
+  if coco.is_coco_dataset(dataset_name):
+    return coco.load_index(config.data.get('coco_root', ''),
+                           config.data.tfds_data_dir, dataset_name,
+                           training=training)
   class_names = tuple(config.data.class_names)
   if config.data.voc_root:
     return folder_index(config.data.voc_root, dataset_name, class_names)
   return tfds_index(dataset_name, class_names, config.data.tfds_data_dir)
 
 
-def load_indices(config, dataset_names):
+def load_indices(config, dataset_names, *, training=False):
   """The datasets of `dataset_names` concatenated into one index, in order."""
-  return Index.concatenate([load_index(config, n) for n in dataset_names])
+  return Index.concatenate([load_index(config, n, training=training)
+                            for n in dataset_names])
 
 
 def image_reader(index):

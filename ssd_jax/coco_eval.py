@@ -1,0 +1,170 @@
+"""COCO evaluation of detections: the results file and COCOeval's metrics.
+
+The COCO API is faster-coco-eval (`faster_coco_eval.COCOeval_faster`): it
+gives the same twelve numbers as pycocotools on the same detections, 4-5
+times faster (BENCHMARKS.md, "COCO evaluation"). Host-side and numpy only:
+no TensorFlow, no JAX.
+
+Conventions: detections are the evaluator's per-image dicts, boxes
+(x1, y1, x2, y2) in original-image pixels and contiguous labels 1..N; the
+results file has the original COCO image and category ids and boxes
+[x, y, w, h] = [x1, y1, x2 - x1, y2 - y1], as the reference writes them.
+"""
+
+import contextlib
+import io
+import json
+import logging
+import os
+
+import numpy as np
+
+# COCOeval.stats[0:6], in the reference's names and order.
+METRIC_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+
+
+def results_list(detections, category_ids):
+  """Detections in the COCO results format (the file users submit).
+
+  Args:
+    detections: iterable of {'image_id': COCO image id (int, or str of an
+      int), 'boxes': [K, 4] (x1, y1, x2, y2) original pixels, 'labels': [K]
+      contiguous labels, 'scores': [K]}.
+    category_ids: int [N + 1], label -> original category id.
+
+  Returns:
+    [{'image_id': int, 'category_id': int, 'bbox': [x, y, w, h] floats,
+    'score': float}], image by image, each image's in its detections' order.
+  """
+  category_ids = np.asarray(category_ids, np.int64)
+  out = []
+  for det in detections:
+    if not len(det['scores']):
+      continue
+    image_id = int(det['image_id'])
+    boxes = np.asarray(det['boxes'], np.float32).astype(np.float64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+    cats = category_ids[np.asarray(det['labels'], np.int64)].tolist()
+    scores = np.asarray(det['scores'], np.float32).tolist()
+    out.extend({'image_id': image_id, 'category_id': c, 'bbox': b,
+                'score': s} for c, b, s in zip(cats, xywh.tolist(), scores))
+  return out
+
+
+def ground_truth_dataset(annotations, image_ids, class_names, category_ids):
+  """A COCO instances dict of the evaluated images.
+
+  Args:
+    annotations: `data.coco.CocoAnnotations` (numpy arrays of ids, bboxes,
+      areas, iscrowd).
+    image_ids: int ids of the images evaluated (those without annotations
+      included: their detections are false positives).
+    class_names, category_ids: label -> name / original id ([0] unused).
+  """
+  image_ids = [int(i) for i in image_ids]
+  keep = np.isin(annotations.image_ids, np.asarray(image_ids, np.int64))
+  rows = zip(annotations.ids[keep].tolist(),
+             annotations.image_ids[keep].tolist(),
+             annotations.category_ids[keep].tolist(),
+             annotations.bboxes[keep].tolist(),
+             annotations.areas[keep].tolist(),
+             annotations.iscrowd[keep].astype(int).tolist())
+  return {
+      'images': [{'id': i} for i in image_ids],
+      'annotations': [
+          {'id': a, 'image_id': i, 'category_id': c, 'bbox': b, 'area': ar,
+           'iscrowd': cr} for a, i, c, b, ar, cr in rows],
+      'categories': [{'id': int(c), 'name': n} for c, n in
+                     zip(category_ids[1:], class_names[1:])],
+  }
+
+
+def coco_eval(gt_dataset, results, print_fn=None):
+  """COCOeval (bbox) of `results` against `gt_dataset`: stats [12].
+
+  Args:
+    gt_dataset: a COCO instances dict.
+    results: a results list (see `results_list`); the list's dicts get
+      COCO's working fields added.
+    print_fn: receives COCOeval's summary lines (None = discarded).
+  """
+  from faster_coco_eval import COCO  # pylint: disable=g-import-not-at-top
+  from faster_coco_eval import COCOeval_faster  # pylint: disable=g-import-not-at-top
+  lines = []
+  with contextlib.redirect_stdout(io.StringIO()):
+    gt = COCO()
+    gt.dataset = gt_dataset
+    gt.createIndex()
+    gt.print_function = lambda *args: None
+    dt = gt.loadRes(results)
+    evaluator = COCOeval_faster(gt, dt, 'bbox', print_function=lines.append)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+  if print_fn is not None:
+    for line in lines:
+      if line.lstrip().startswith('Average'):
+        print_fn(line)
+  return np.asarray(evaluator.stats, np.float64)[:12]
+
+
+def evaluate(detections, info, print_fn=None):
+  """COCO metrics of one dataset's detections.
+
+  Args:
+    detections: per evaluated image a dict (see `results_list`).
+    info: `data.coco.CocoInfo` of the dataset (category ids, class names and
+      the ground truth).
+    print_fn: receives COCOeval's summary lines.
+
+  Returns:
+    {'metrics': {AP, AP50, AP75, APs, APm, APl} (-1 = no ground truth of
+    that size, as COCOeval), 'stats': float64 [12] COCOeval.stats,
+    'results': the results list}.
+  """
+  results = results_list(detections, info.category_ids)
+  gt = ground_truth_dataset(info.annotations,
+                            [d['image_id'] for d in detections],
+                            info.class_names, info.category_ids)
+  # COCO's loadRes adds working fields to the dicts it gets.
+  stats = coco_eval(gt, [dict(r) for r in results], print_fn)
+  return {'metrics': dict(zip(METRIC_NAMES, stats[:6].tolist())),
+          'stats': stats, 'results': results}
+
+
+def metrics_json(result, step):
+  """The JSON record eval.py writes: {"step", "AP", "AP50", ..., "APl"}."""
+  return {'step': int(step), **{k: float(v) for k, v in
+                                result['metrics'].items()}}
+
+
+def metric_lines(result):
+  """The reference's log lines: `AP        : 0.252`, one per metric."""
+  return ['{:<10}: {}'.format(k, round(v, 3))
+          for k, v in result['metrics'].items()]
+
+
+def write_results(path, results):
+  """Writes a results list as the COCO results JSON."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(results, f)
+
+
+def report(result, workdir, name, step, writer, logger=None):
+  """Writes W/eval/<name>_<step>.json and _bbox.json, logs, TensorBoard.
+
+  Returns the metrics record written.
+  """
+  logger = logger or logging.getLogger('SSD.inference')
+  bbox_path = os.path.join(workdir, 'eval', f'{name}_{step}_bbox.json')
+  logger.info('Writing results to %s...', bbox_path)
+  write_results(bbox_path, result['results'])
+  record = metrics_json(result, step)
+  with open(os.path.join(workdir, 'eval', f'{name}_{step}.json'), 'w') as f:
+    json.dump(record, f, indent=1)
+  for line in metric_lines(result):
+    logger.info('%s', line)
+  writer.write_scalars(step, {f'metrics/{name}/{k}': v
+                              for k, v in result['metrics'].items()})
+  return record
