@@ -118,7 +118,10 @@ class CocoAnnotations:
                iscrowd=rows[:, 8].astype(bool))
 
   def select_images(self, image_ids):
-    keep = np.isin(self.image_ids, np.asarray(image_ids, np.int64))
+    """The annotations of `image_ids`, ordered by (image id, id)."""
+    keep = np.flatnonzero(np.isin(self.image_ids,
+                                  np.asarray(image_ids, np.int64)))
+    keep = keep[np.lexsort((self.ids[keep], self.image_ids[keep]))]
     return CocoAnnotations(**{f.name: getattr(self, f.name)[keep]
                               for f in dataclasses.fields(self)})
 
@@ -324,8 +327,9 @@ def _make_example(image_id, size, is_jpeg, annotations, rows, label_of,
 
 
 def _rows_by_image(annotations):
-  """{image id: int64 rows of `annotations`}, rows in file order."""
-  order = np.argsort(annotations.image_ids, kind='stable')
+  """{image id: int64 rows of `annotations`}, rows by annotation id (the
+  order TFDS stores them in)."""
+  order = np.lexsort((annotations.ids, annotations.image_ids))
   ids, starts = np.unique(annotations.image_ids[order], return_index=True)
   return {int(i): rows for i, rows in zip(ids, np.split(order, starts[1:]))}
 
