@@ -79,14 +79,16 @@ def ground_truth_dataset(annotations, image_ids, class_names, category_ids):
   }
 
 
-def coco_eval(gt_dataset, results, print_fn=None):
-  """COCOeval (bbox) of `results` against `gt_dataset`: stats [12].
+def coco_eval(gt_dataset, results):
+  """COCOeval (bbox) of `results` against `gt_dataset`.
 
   Args:
     gt_dataset: a COCO instances dict.
     results: a results list (see `results_list`); the list's dicts get
       COCO's working fields added.
-    print_fn: receives COCOeval's summary lines (None = discarded).
+
+  Returns:
+    (stats float64 [12] = COCOeval.stats, COCOeval.summarize()'s lines).
   """
   from faster_coco_eval import COCO  # pylint: disable=g-import-not-at-top
   from faster_coco_eval import COCOeval_faster  # pylint: disable=g-import-not-at-top
@@ -101,35 +103,34 @@ def coco_eval(gt_dataset, results, print_fn=None):
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-  if print_fn is not None:
-    for line in lines:
-      if line.lstrip().startswith('Average'):
-        print_fn(line)
-  return np.asarray(evaluator.stats, np.float64)[:12]
+  # faster-coco-eval adds AR@0.5 and AR@0.75; the reference's 12 come first.
+  summary = [line for line in lines
+             if line.lstrip().startswith('Average')][:12]
+  return np.asarray(evaluator.stats, np.float64)[:12], summary
 
 
-def evaluate(detections, info, print_fn=None):
+def evaluate(detections, info):
   """COCO metrics of one dataset's detections.
 
   Args:
     detections: per evaluated image a dict (see `results_list`).
     info: `data.coco.CocoInfo` of the dataset (category ids, class names and
       the ground truth).
-    print_fn: receives COCOeval's summary lines.
 
   Returns:
     {'metrics': {AP, AP50, AP75, APs, APm, APl} (-1 = no ground truth of
     that size, as COCOeval), 'stats': float64 [12] COCOeval.stats,
-    'results': the results list}.
+    'summary': COCOeval's printed summary lines, 'results': the results
+    list}.
   """
   results = results_list(detections, info.category_ids)
   gt = ground_truth_dataset(info.annotations,
                             [d['image_id'] for d in detections],
                             info.class_names, info.category_ids)
   # COCO's loadRes adds working fields to the dicts it gets.
-  stats = coco_eval(gt, [dict(r) for r in results], print_fn)
+  stats, summary = coco_eval(gt, [dict(r) for r in results])
   return {'metrics': dict(zip(METRIC_NAMES, stats[:6].tolist())),
-          'stats': stats, 'results': results}
+          'stats': stats, 'summary': summary, 'results': results}
 
 
 def metrics_json(result, step):
@@ -160,6 +161,8 @@ def report(result, workdir, name, step, writer, logger=None):
   bbox_path = os.path.join(workdir, 'eval', f'{name}_{step}_bbox.json')
   logger.info('Writing results to %s...', bbox_path)
   write_results(bbox_path, result['results'])
+  for line in result['summary']:
+    logger.info('%s', line)
   record = metrics_json(result, step)
   with open(os.path.join(workdir, 'eval', f'{name}_{step}.json'), 'w') as f:
     json.dump(record, f, indent=1)

@@ -1,4 +1,4 @@
-"""VOC evaluation of a detector: device forward, host NMS, VOC AP.
+"""Evaluation of a detector: device forward, host NMS, VOC AP or COCOeval.
 
 `Evaluator` evaluates every dataset of `config.data.test` for the trainer and
 eval.py and reports the results (log table, JSON, TensorBoard). `evaluate`
@@ -6,6 +6,10 @@ only sees a `predict_fn` (images -> raw head outputs) and a stream
 of eval batches, so it serves eval.py, the trainer's periodic evaluation and
 the benchmarks alike. While the host post-processes batch k the device
 already computes batch k+1 (JAX dispatch is asynchronous).
+
+The metric follows the dataset: VOC datasets get the reference's VOC AP
+(voc_eval), COCO datasets (their eval batches carry `coco`, the category ids
+and ground truth) COCOeval's AP (coco_eval) and a results file.
 """
 
 import json
@@ -16,6 +20,7 @@ import jax
 import numpy as np
 import tqdm
 
+from ssd_jax import coco_eval
 from ssd_jax import postprocess
 from ssd_jax import train_lib
 from ssd_jax import visualize
@@ -33,8 +38,8 @@ def _pad(ap, num_classes):
 
 
 def evaluate(predict_fn, batches, priors, config, class_names, *,
-             num_images=None, progress=True):
-  """Detections, VOC07 11-point and area AP over an eval dataset.
+             num_images=None, progress=True, coco=None):
+  """Detections and their VOC AP (or COCO AP) over an eval dataset.
 
   Args:
     predict_fn: images float32 [b, S, S, 3] -> (cls_logits [b, P, C],
@@ -51,8 +56,12 @@ def evaluate(predict_fn, batches, priors, config, class_names, *,
     class_names: names indexed by label, [0] = background.
     num_images: evaluate only the first this many valid images (None = all).
     progress: show a tqdm progress bar.
+    coco: a COCO dataset's `data.coco.CocoInfo` (the eval iterator's
+      `.coco`): COCOeval instead of VOC AP, image ids are COCO ids.
 
   Returns:
+    COCO: coco_eval.evaluate's {'metrics', 'stats', 'results'} plus
+    'detections' and 'num_images'. VOC:
     {'map': VOC07 11-point mAP (the reference's headline), 'map_area': mAP
     with the area-under-curve AP, 'ap' and 'ap_area': float64
     [len(class_names)] per-label AP (NaN for background and for classes
@@ -100,6 +109,9 @@ def evaluate(predict_fn, batches, priors, config, class_names, *,
   bar.close()
   if not detections:
     raise ValueError('evaluate: the dataset yielded no valid image')
+  if coco is not None:
+    return {**coco_eval.evaluate(detections, coco), 'detections': detections,
+            'num_images': len(detections)}
 
   prec, rec = voc_eval.precision_recall(
       [d['boxes'] for d in detections], [d['labels'] for d in detections],
@@ -146,7 +158,10 @@ class Evaluator:
 
   Per dataset: the reference's table in the log, W/eval/<dataset>_<step>.json,
   TensorBoard scalars `metrics/<dataset>/mAP` (and per class) and a few test
-  images with their detections drawn.
+  images with their detections drawn. COCO datasets: COCOeval's summary and
+  the reference's `AP        : 0.252` lines, W/eval/<dataset>_<step>.json
+  ({step, AP, AP50, AP75, APs, APm, APl}), the results file
+  W/eval/<dataset>_<step>_bbox.json and scalars `metrics/<dataset>/AP...`.
   """
 
   def __init__(self, config, workdir, model_def, mesh, priors, writer, logger,
@@ -180,24 +195,29 @@ class Evaluator:
     if jax.process_index() != 0:
       return {}
     predict = self._predict_fn(state)
-    class_names = self.config.data.class_names
     results = {}
     for name in self.config.data.test:
       batches = pipeline.create_eval_iterator(
           self.config, name, batch_size=self._batch_size(), process_index=0,
           process_count=1)
+      class_names = batches.class_names
       self.logger.info('Evaluating %s dataset(%d images):', name,
                        pipeline.num_examples(self.config, name))
       result = evaluate(predict, batches, self.priors, self.config,
-                                 class_names)
+                        class_names, coco=batches.coco)
       results[name] = result
-      self.logger.info('%s', result_text(result, class_names))
-      self._write(name, step, result, class_names)
+      if batches.coco is not None:
+        coco_eval.report(result, self.workdir, name, step, self.writer,
+                         self.logger)
+      else:
+        self.logger.info('%s', result_text(result, class_names))
+        self._write(name, step, result, class_names)
       first_batch = next(iter(pipeline.create_eval_iterator(
           self.config, name, batch_size=self.num_images_drawn,
           process_index=0, process_count=1)))
       self.writer.write_images(step, {f'detections/{name}': self._drawings(
-          first_batch, result['detections'][:self.num_images_drawn])})
+          first_batch, result['detections'][:self.num_images_drawn],
+          class_names)})
     self.writer.flush()
     return results
 
@@ -214,7 +234,7 @@ class Evaluator:
         scalars[f'metrics/{name}/{class_name}'] = ap
     self.writer.write_scalars(step, scalars)
 
-  def _drawings(self, batch, detections):
+  def _drawings(self, batch, detections, class_names):
     """Detections drawn on the network inputs: [N, S, S, 3] uint8."""
     size = self.config.input.image_size
     mean = np.asarray(self.config.input.pixel_mean, np.float32)
@@ -226,5 +246,5 @@ class Evaluator:
       scale = np.array([size / width, size / height] * 2, np.float32)
       drawn.append(visualize.draw_detections(
           pixels, det['boxes'] * scale, det['labels'], det['scores'],
-          self.config.data.class_names))
+          class_names))
     return np.stack(drawn)
