@@ -79,30 +79,47 @@ def ground_truth_dataset(annotations, image_ids, class_names, category_ids):
   }
 
 
-def coco_eval(gt_dataset, results):
+def coco_eval(gt_dataset, results, api='faster_coco_eval'):
   """COCOeval (bbox) of `results` against `gt_dataset`.
 
   Args:
     gt_dataset: a COCO instances dict.
     results: a results list (see `results_list`); the list's dicts get
       COCO's working fields added.
+    api: 'faster_coco_eval' (the default), or 'pycocotools' (the reference's;
+      for comparisons, e.g. bench/coco_eval.py).
 
   Returns:
     (stats float64 [12] = COCOeval.stats, COCOeval.summarize()'s lines).
   """
-  from faster_coco_eval import COCO  # pylint: disable=g-import-not-at-top
-  from faster_coco_eval import COCOeval_faster  # pylint: disable=g-import-not-at-top
-  lines = []
-  with contextlib.redirect_stdout(io.StringIO()):
+  # pylint: disable=g-import-not-at-top
+  if api == 'faster_coco_eval':
+    from faster_coco_eval import COCO
+    from faster_coco_eval import COCOeval_faster as COCOeval
+  elif api == 'pycocotools':
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+  else:
+    raise ValueError(f'unknown COCO API {api!r}')
+  # pylint: enable=g-import-not-at-top
+  stdout = io.StringIO()
+  with contextlib.redirect_stdout(stdout):
     gt = COCO()
     gt.dataset = gt_dataset
     gt.createIndex()
     gt.print_function = lambda *args: None
-    dt = gt.loadRes(results)
-    evaluator = COCOeval_faster(gt, dt, 'bbox', print_function=lines.append)
+    if not results and api == 'pycocotools':  # its loadRes needs one result
+      dt = COCO()
+      dt.dataset = {**gt_dataset, 'annotations': []}
+      dt.createIndex()
+    else:
+      dt = gt.loadRes(results)
+    evaluator = COCOeval(gt, dt, 'bbox')
+    evaluator.print_function = print
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
+  lines = stdout.getvalue().splitlines()
   # faster-coco-eval adds AR@0.5 and AR@0.75; the reference's 12 come first.
   summary = [line for line in lines
              if line.lstrip().startswith('Average')][:12]

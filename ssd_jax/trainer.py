@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` is what `train.py` calls. The workdir:
     W/config.json, W/log.txt, W/checkpoints/<step>/, W/tf_logs/ (TensorBoard),
-    W/eval/<dataset>_<step>.json
+    W/eval/<dataset>_<step>.json (+ <dataset>_<step>_bbox.json for COCO)
 """
 
 import os

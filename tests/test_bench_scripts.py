@@ -27,3 +27,15 @@ def test_conv_layers_profile_reports_both_frameworks():
   # conv5_x occurs three times in SSD300.
   assert report['totals']['jax_fwd'] == sum(
       row['count'] * row['jax_fwd'] for row in report['rows'])
+
+
+def test_coco_eval_bench_compares_both_apis_on_the_same_detections():
+  result = subprocess.run(
+      [sys.executable, 'bench/coco_eval.py', '--num_images=40', '--pool=20'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+      text=True, check=True)
+  lines = result.stdout.splitlines()
+  assert any(line.startswith('faster_coco_eval: COCOeval') for line in lines)
+  assert any(line.startswith('pycocotools: COCOeval') for line in lines)
+  assert 'largest difference of the 12 stats between the APIs: 0\n' in (
+      result.stdout)
