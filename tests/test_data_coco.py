@@ -124,8 +124,8 @@ def test_num_classes_must_match_the_categories():
   with pytest.raises(ValueError, match=r'20 categories.*must be 21.*is 81'):
     pipeline.load_index(config, 'coco_2014_minival')
   config.model.num_classes = 21
-  assert len(pipeline.load_index(config, 'coco_2014_minival')) == 5
-  assert pipeline.class_names(config, 'coco_2014_minival')[1] == 'aeroplane'
+  index = pipeline.load_index(config, 'coco_2014_minival')
+  assert len(index) == 5 and index.coco.class_names[1] == 'aeroplane'
 
 
 @pytest.fixture(scope='module')

@@ -94,13 +94,6 @@ def load_index(config, dataset_name, *, training=False):
   return index
 
 
-def class_names(config, dataset_name):
-  """Names indexed by label: a COCO dataset's categories, else the config's."""
-  if coco.is_coco_dataset(dataset_name):
-    return load_index(config, dataset_name).coco.class_names
-  return tuple(config.data.class_names)
-
-
 def num_examples(config, dataset_name):
   """Number of usable examples of `dataset_name` (after skipping bad ones)."""
   return len(load_index(config, dataset_name))
