@@ -55,8 +55,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required')
+  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
-  results = trainer.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  try:
+    results = trainer.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
+  except checkpointing.CheckpointMismatchError as e:
+    sys.exit(f'eval.py: {e}')
   if not results:
     sys.exit(1)
 

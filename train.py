@@ -4,6 +4,8 @@ Config values are overridden with flags such as `--config.solver.batch_size=8`.
 Running the same command again resumes from the latest checkpoint in W.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -28,9 +30,13 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()
+  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
-  trainer.train_and_evaluate(FLAGS.config,
-                             FLAGS.workdir or FLAGS.config.output_dir)
+  try:
+    trainer.train_and_evaluate(FLAGS.config,
+                               FLAGS.workdir or FLAGS.config.output_dir)
+  except checkpointing.CheckpointMismatchError as e:
+    sys.exit(f'train.py: {e}')
 
 
 if __name__ == '__main__':

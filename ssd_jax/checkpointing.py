@@ -19,6 +19,11 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+_MAX_LISTED = 6  # differing arrays named in a CheckpointMismatchError
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not have the shapes the config's model needs."""
 
 
 def _lists_to_tuples(value):
@@ -54,10 +59,15 @@ class Checkpointer:
 
   def __init__(self, workdir, max_to_keep=3):
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    # Handlers named up front so that item_metadata() can tell which items a
+    # step holds (an imported checkpoint has no 'opt_state').
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                             create=True))
+                                             create=True),
+        item_handlers={'model': ocp.StandardCheckpointHandler(),
+                       'opt_state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     """The newest complete checkpoint's step, or None."""
@@ -74,6 +84,14 @@ class Checkpointer:
       items['opt_state'] = ocp.args.StandardSave(opt_state)
     self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
+  def has_opt_state(self, step):
+    """Whether checkpoint `step` holds an optimizer state.
+
+    Those written by ssd_jax.torch_import hold the model only.
+    """
+    self._check_step(step)
+    return self._manager.item_metadata(step).get('opt_state') is not None
+
   def restore(self, step, model, opt_state=None):
     """Restores a checkpoint into the structure of the given targets.
 
@@ -81,24 +99,65 @@ class Checkpointer:
       step: the step to restore (None = the latest).
       model: a pytree of arrays or jax.ShapeDtypeStruct (with shardings) that
         the saved model state is restored into.
-      opt_state: the same for the optimizer state; None skips it.
+      opt_state: the same for the optimizer state; None skips it. Asking for
+        it from a checkpoint without one (see has_opt_state) is an error.
 
     Returns:
       dict with 'model', 'meta' and, if asked, 'opt_state'.
+
+    Raises:
+      FileNotFoundError: no such checkpoint, or it has no optimizer state.
+      CheckpointMismatchError: the saved arrays do not fit the targets (a
+        checkpoint of another model: num_classes, backbone, widths, ...).
     """
     if step is None:
       step = self.latest_step()
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    self._check_step(step)
+    saved = self._manager.item_metadata(step)
+    targets = {'model': model}
+    if opt_state is not None:
+      if saved.get('opt_state') is None:
+        raise FileNotFoundError(
+            f'{self.directory}/{step} has no optimizer state (a model-only '
+            'checkpoint, e.g. from ssd_jax.torch_import)')
+      targets['opt_state'] = opt_state
+    for name, target in targets.items():
+      self._check_fits(step, name, saved[name].tree, target)
+    items = {name: ocp.args.StandardRestore(_abstract(target))
+             for name, target in targets.items()}
+    items['meta'] = ocp.args.JsonRestore()
+    return dict(self._manager.restore(step, args=ocp.args.Composite(**items)))
+
+  def _check_step(self, step):
     if step not in self._manager.all_steps():
       raise FileNotFoundError(
           f'no checkpoint for step {step} in {self.directory} '
           f'(have {sorted(self._manager.all_steps())})')
-    items = {'model': ocp.args.StandardRestore(_abstract(model)),
-             'meta': ocp.args.JsonRestore()}
-    if opt_state is not None:
-      items['opt_state'] = ocp.args.StandardRestore(_abstract(opt_state))
-    return dict(self._manager.restore(step, args=ocp.args.Composite(**items)))
+
+  def _check_fits(self, step, name, saved_tree, target):
+    """Raises CheckpointMismatchError naming the arrays that differ."""
+    saved, wanted = _shapes(saved_tree), _shapes(target)
+    if saved == wanted:
+      return
+    problems = [f'{path}: checkpoint {saved[path]}, config {wanted[path]}'
+                for path in sorted(set(saved) & set(wanted))
+                if saved[path] != wanted[path]]
+    problems += [f'{path}: checkpoint {saved[path]}, not in the config'
+                 for path in sorted(set(saved) - set(wanted))]
+    problems += [f'{path}: not in the checkpoint, config {wanted[path]}'
+                 for path in sorted(set(wanted) - set(saved))]
+    listed = '\n  '.join(problems[:_MAX_LISTED])
+    more = (f'\n  ... and {len(problems) - _MAX_LISTED} more'
+            if len(problems) > _MAX_LISTED else '')
+    config_file = os.path.join(os.path.dirname(self.directory), CONFIG_FILE)
+    raise CheckpointMismatchError(
+        f'{self.directory}/{step} does not fit the {name} of this config '
+        f'({len(problems)} arrays differ):\n  {listed}{more}\nThe checkpoint was written for another '
+        f'model (num_classes, backbone, widths, optimizer): use its config '
+        f'({config_file} if it is still the one it was trained with), or a '
+        'new --workdir.')
 
   def wait(self):
     """Blocks until asynchronous saves are on disk."""
@@ -121,6 +180,13 @@ def restore_model(checkpointer, model, step=None):
   nnx.replace_by_pure_dict(state, restored['model'])
   nnx.update(model, state)
   return step
+
+
+def _shapes(tree):
+  """{'a/b/0/c': shape} of the arrays (or array metadata) of a pytree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator='/'):
+          tuple(getattr(leaf, 'shape', ())) for path, leaf in leaves}
 
 
 def _abstract(tree):

@@ -9,6 +9,7 @@ reference's log line of iteration i prints f(i).
 
 import bisect
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -61,3 +62,21 @@ def create_optimizer(config):
         optax.adam(schedule))
   raise ValueError(
       f"config.solver.optimizer must be 'sgd' or 'adam', got {s.optimizer!r}")
+
+
+def with_schedule_at(opt_state, step):
+  """`opt_state` with its learning-rate schedule standing at update `step`.
+
+  optax keeps the schedule's position in the optimizer state (the count of
+  ScaleByScheduleState). A fresh state for a model that has already taken
+  `step` updates (fine-tuning an imported checkpoint) must continue the
+  schedule from there, as an uninterrupted run would, not warm up again.
+  Other counts (Adam's bias correction) restart with their zeroed moments.
+  """
+  def move(node):
+    if isinstance(node, optax.ScaleByScheduleState):
+      return node._replace(count=jnp.full_like(node.count, step))
+    return node
+  return jax.tree.map(
+      move, opt_state,
+      is_leaf=lambda node: isinstance(node, optax.ScaleByScheduleState))

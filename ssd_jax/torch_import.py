@@ -24,6 +24,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
+from ssd_jax import pth_reader
 from ssd_jax.models import vgg as vgg_lib
 
 
@@ -96,20 +97,13 @@ def _to_numpy_state_dict(obj, source):
 
 
 def read_torch_file(path):
-  """torch.load of a .pth file on the CPU (tensors only, no pickled code)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'PyTorch checkpoint not found: {path}')
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        'Reading .pth files needs PyTorch: pip install "ssd_jax[torch]" '
-        '(on a CPU machine e.g. pip install torch==2.13.0)') from e
-  try:
-    return torch.load(path, map_location='cpu', weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f'{path}: cannot be read as a PyTorch checkpoint '
-                     f'({type(e).__name__}: {e})') from e
+  """The object saved in a .pth file, tensors as numpy arrays.
+
+  Read by ssd_jax.pth_reader (no PyTorch needed; only tensors and plain
+  values are unpickled, never code). Raises FileNotFoundError, or ValueError
+  (pth_reader.PthReadError) for a file that is not a readable checkpoint.
+  """
+  return pth_reader.load(path)
 
 
 def detector_state_dict(obj, source='checkpoint'):

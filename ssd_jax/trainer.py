@@ -123,8 +123,6 @@ def train_and_evaluate(config, workdir):
   logger = metrics_log.setup_logger(LOGGER_NAME, workdir, write_file=is_main)
   models.validate_config(config)
   logger.info('Running with config:\n%s', config)
-  if is_main:
-    checkpointing.save_config(workdir, config)
   prepare_data(config, logger)
 
   mesh = train_lib.create_mesh()
@@ -148,9 +146,21 @@ def train_and_evaluate(config, workdir):
     logger.info('Loading checkpoint from %s',
                 os.path.join(checkpointer.directory, str(latest)))
     model_tree, opt_state = train_lib.state_to_checkpoint(state)
-    restored = checkpointer.restore(latest, model_tree, opt_state)
+    has_opt_state = checkpointer.has_opt_state(latest)
+    restored = checkpointer.restore(latest, model_tree,
+                                    opt_state if has_opt_state else None)
     state = train_lib.state_from_checkpoint(
         state, restored['model'], restored.get('opt_state'), step=latest)
+    if not has_opt_state:
+      logger.info('The checkpoint has no optimizer state (a model imported '
+                  'with ssd_jax.torch_import?): fine-tuning with a fresh one, '
+                  'learning-rate schedule at iteration %d', latest)
+      state = state.replace(
+          opt_state=optim.with_schedule_at(state.opt_state, latest))
+  # Written once the checkpoint is known to fit, so that a run with the wrong
+  # config leaves the workdir's config.json as it was.
+  if is_main:
+    checkpointing.save_config(workdir, config)
   start_step = int(state.step)
 
   priors = priors_lib.generate_priors(config)

@@ -69,3 +69,26 @@ def test_adam_option_and_bad_optimizer_name(ssd300_config):
   config.solver.optimizer = 'rmsprop'
   with pytest.raises(ValueError, match='sgd.*adam'):
     optim.create_optimizer(config)
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adam'])
+def test_fresh_state_moved_to_a_step_continues_the_schedule(ssd300_config,
+                                                            name):
+  config = ssd300_config.copy_and_resolve_references()
+  config.solver.optimizer = name
+  config.solver.weight_decay = 0.0
+  config.solver.warmup_iters = 1000
+  step = 700  # in the warm-up: f(700) is far from f(0)
+  tx = optim.create_optimizer(config)
+  params = {'w': jnp.ones(3)}
+  grads = {'w': jnp.asarray([0.5, -1.0, 2.0])}
+  state = optim.with_schedule_at(tx.init(params), step)
+  updates, _ = tx.update(grads, state, params)
+  # A fresh optimizer's first update (zero momentum; Adam's first step is
+  # g / |g|) at the learning rate of update step + 1, i.e. f(step).
+  direction = grads['w'] if name == 'sgd' else jnp.sign(grads['w'])
+  np.testing.assert_allclose(
+      np.asarray(updates['w']),
+      -optim.learning_rate(config, step) * np.asarray(direction), rtol=1e-5)
+  fresh, _ = tx.update(grads, tx.init(params), params)
+  assert not np.allclose(np.asarray(fresh['w']), np.asarray(updates['w']))

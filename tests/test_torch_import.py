@@ -104,7 +104,7 @@ def test_clear_errors(tmp_path, ssd300_config):
     torch_import.load_detector_state_dict(model, wrong)
   garbage = tmp_path / 'garbage.pth'
   garbage.write_bytes(b'not a checkpoint')
-  with pytest.raises(ValueError, match='cannot be read'):
+  with pytest.raises(ValueError, match='not a PyTorch checkpoint'):
     torch_import.read_torch_file(str(garbage))
 
 
