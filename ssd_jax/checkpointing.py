@@ -153,9 +153,11 @@ class Checkpointer:
             if len(problems) > _MAX_LISTED else '')
     config_file = os.path.join(os.path.dirname(self.directory), CONFIG_FILE)
     raise CheckpointMismatchError(
-        f'{self.directory}/{step} does not fit the {name} of this config '
-        f'({len(problems)} arrays differ):\n  {listed}{more}\nThe checkpoint was written for another '
-        f'model (num_classes, backbone, widths, optimizer): use its config '
+        f'{self.directory}/{step} does not fit the '
+        f'{"optimizer state" if name == "opt_state" else name} of this config '
+        f'({len(problems)} arrays differ):\n  {listed}{more}\n'
+        'The checkpoint was written for another model (num_classes, '
+        'backbone, widths, optimizer): use its config '
         f'({config_file} if it is still the one it was trained with), or a '
         'new --workdir.')
 

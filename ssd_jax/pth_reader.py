@@ -303,8 +303,8 @@ def _materialize(obj, storage_bytes, source):
     if last >= available:
       raise PthReadError(
           f'{source}: a tensor of size {t.size}, stride {t.stride} at offset '
-          f'{t.offset} needs {last + 1} elements but its storage {t.storage.key}'
-          f' holds {available} (truncated or corrupt file)')
+          f'{t.offset} needs {last + 1} elements but its storage '
+          f'{t.storage.key} holds {available} (truncated or corrupt file)')
     base = elements[start + t.offset:]
     view = np.lib.stride_tricks.as_strided(
         base, shape=t.size, strides=[s * t.dtype.itemsize for s in t.stride],
@@ -343,12 +343,12 @@ def _materialize(obj, storage_bytes, source):
 
 def _zip_archive_prefix(archive, path):
   names = archive.namelist()
+  if any(n.endswith('/constants.pkl') for n in names):
+    raise PthReadError(
+        f'{path} is a TorchScript archive (torch.jit.save); only files of '
+        'torch.save can be read: save the model\'s state_dict() instead')
   pickles = [n for n in names if n.endswith('/data.pkl') and n.count('/') == 1]
   if not pickles:
-    if any(n.endswith('/constants.pkl') for n in names):
-      raise PthReadError(
-          f'{path} is a TorchScript archive (torch.jit.save); only files of '
-          'torch.save can be read: save the model\'s state_dict() instead')
     raise PthReadError(f'{path} is a zip archive without a data.pkl record: '
                        'not a file written by torch.save')
   return pickles[0][:-len('data.pkl')]
@@ -382,7 +382,8 @@ def _load_zip(path):
     except PthReadError:
       raise
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-      raise PthReadError(f'{path}: truncated or corrupt zip archive ({e})') from e
+      raise PthReadError(
+          f'{path}: truncated or corrupt zip archive ({e})') from e
     except (pickle.UnpicklingError, ValueError, TypeError, IndexError,
             AttributeError) as e:
       raise PthReadError(f'{path}: corrupt data.pkl ({type(e).__name__}: '

@@ -9,12 +9,14 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 import zipfile
 
 import numpy as np
 import pytest
 
 from ssd_jax import pth_reader
+from tests.tiny import reference_state_dict, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORMATS = ('zip', 'legacy')
@@ -25,6 +27,7 @@ _READ_WITHOUT_TORCH = '''
 import pickle, sys
 sys.modules['torch'] = None  # `import torch` raises ImportError
 from ssd_jax import pth_reader
+from tests.tiny import reference_state_dict, tiny_config
 objects = [pth_reader.load(path) for path in sys.argv[2:]]
 assert sys.modules['torch'] is None
 with open(sys.argv[1], 'wb') as f:
@@ -247,6 +250,12 @@ def test_not_a_checkpoint_truncated_and_missing_files(tmp_path):
     cut.write_bytes(data[:len(data) // 2])
     with pytest.raises(pth_reader.PthReadError, match='truncated'):
       pth_reader.load(cut)
+  with warnings.catch_warnings():  # torch.jit is deprecated, its files exist
+    warnings.simplefilter('ignore', DeprecationWarning)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)),
+                   str(tmp_path / 'scripted.pt'))
+  with pytest.raises(pth_reader.PthReadError, match='TorchScript'):
+    pth_reader.load(tmp_path / 'scripted.pt')
   with zipfile.ZipFile(tmp_path / 'other.zip', 'w') as f:
     f.writestr('readme.txt', 'hello')
   with pytest.raises(pth_reader.PthReadError, match='without a data.pkl'):
@@ -267,8 +276,9 @@ model = nnx.eval_shape(lambda: models.create_model(config))
 torch_import.load_pretrained_vgg(model, config.model.backbone.pretrained)
 state_dict = np.load(sys.argv[2])
 for conv, key in zip(model.backbone.vgg, torch_import.torch_vgg_indices()):
-  np.testing.assert_array_equal(np.asarray(conv.kernel[...]),
-                                state_dict[f'{key}.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      np.asarray(conv.kernel[...]),
+      state_dict[f'{key}.weight'].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(np.asarray(conv.bias[...]),
                                 state_dict[f'{key}.bias'])
 print('loaded', len(model.backbone.vgg), 'convs')
@@ -278,7 +288,6 @@ print('loaded', len(model.backbone.vgg), 'convs')
 def test_pretrained_vgg_in_legacy_format_loads_without_torch(tmp_path):
   """The default config's backbone file (vgg16_reducedfc layout, legacy)."""
   torch = pytest.importorskip('torch')
-  from tests.tiny import reference_state_dict, tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   config.model.backbone.batch_norm = False
   vgg = {key[len('backbone.vgg.'):]: value
@@ -286,10 +295,13 @@ def test_pretrained_vgg_in_legacy_format_loads_without_torch(tmp_path):
          if key.startswith('backbone.vgg.')}
   assert len(vgg) == 30 and '33.bias' in vgg
   # Saved as transposed (strided) views, like a model's OIHW -> HWIO would be.
-  path = _save(torch, collections.OrderedDict(
-      (key, torch.from_numpy(value.transpose(1, 0, 2, 3).copy()).transpose(0, 1)
-       if value.ndim == 4 else torch.from_numpy(value))
-      for key, value in vgg.items()), tmp_path / 'vgg16_reducedfc.pth', 'legacy')
+  def strided(value):
+    if value.ndim < 4:
+      return torch.from_numpy(value)
+    return torch.from_numpy(value.transpose(1, 0, 2, 3).copy()).transpose(0, 1)
+  state_dict = collections.OrderedDict(
+      (key, strided(value)) for key, value in vgg.items())
+  path = _save(torch, state_dict, tmp_path / 'vgg16_reducedfc.pth', 'legacy')
   np.savez(tmp_path / 'vgg.npz', **vgg)
   out = _run_without_torch(_LOAD_VGG_WITHOUT_TORCH, path,
                            str(tmp_path / 'vgg.npz'))
