@@ -273,7 +273,9 @@ config = tiny_config()
 config.model.backbone.batch_norm = False
 config.model.backbone.pretrained = sys.argv[1]
 model = nnx.eval_shape(lambda: models.create_model(config))
-torch_import.load_pretrained_vgg(model, config.model.backbone.pretrained)
+# What trainer.train_and_evaluate calls for model.backbone.pretrained.
+torch_import.load_pretrained_backbone(
+    model, config.model.backbone.pretrained, config)
 state_dict = np.load(sys.argv[2])
 for conv, key in zip(model.backbone.vgg, torch_import.torch_vgg_indices()):
   np.testing.assert_array_equal(

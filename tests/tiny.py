@@ -84,32 +84,28 @@ def tiny_mobilenet_shapes_config(root, name='mobilenet_v2', num_train=32,
 def reference_state_dict(config, seed=0):
   """Random weights for the model of `config` as a reference state dict.
 
-  {key: float32 array} with the keys and OIHW convs of lufficc/SSD's
-  SSDDetector (what ssd_jax.torch_import reads), written out here
-  independently of the importer's own table. Convs N(0, sqrt(2 / fan_in)),
-  biases N(0, 0.01), the L2Norm scale 20. `config` must have no BatchNorm.
+  {key: float32 array} with the keys (the model's `torch_entries`) and the
+  layouts (OIHW convs) of lufficc/SSD's SSDDetector state dict, what
+  ssd_jax.torch_import reads. Convs N(0, sqrt(2 / fan_in)), vectors
+  N(0, 0.01), the L2Norm scale 20. Models with convs and vectors only (VGG
+  without BatchNorm).
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from ssd_jax import models  # pylint: disable=g-import-not-at-top
-  from ssd_jax import torch_import  # pylint: disable=g-import-not-at-top
   model = nnx.eval_shape(lambda: models.create_model(config))
   rs = np.random.RandomState(seed)
-
-  def conv(prefix, layer):
-    h, w, i, o = layer.kernel.shape
-    weight = rs.normal(0, np.sqrt(2 / (h * w * i)), (o, i, h, w))
-    return {f'{prefix}.weight': weight.astype(np.float32),
-            f'{prefix}.bias': rs.normal(0, 0.01, (o,)).astype(np.float32)}
-
   state_dict = {}
-  for ours, theirs in enumerate(torch_import.torch_vgg_indices()):
-    state_dict.update(conv(f'backbone.vgg.{theirs}', model.backbone.vgg[ours]))
-  state_dict['backbone.l2_norm.weight'] = np.full(
-      model.backbone.l2_norm.weight.shape, 20, np.float32)
-  for i, layer in enumerate(model.extras.extras):
-    state_dict.update(conv(f'backbone.extras.{i}', layer))
-  for name in ('cls_headers', 'reg_headers'):
-    for level, layer in enumerate(getattr(model.box_head, name)):
-      state_dict.update(conv(f'box_head.predictor.{name}.{level}', layer))
+  for key, (variable, kind) in model.torch_entries().items():
+    shape = tuple(variable.shape)
+    if key.endswith('l2_norm.weight'):
+      value = np.full(shape, 20.0)
+    elif kind == 'conv':
+      h, w, i, o = shape
+      value = rs.normal(0, np.sqrt(2 / (h * w * i)), (o, i, h, w))
+    elif kind == 'vector':
+      value = rs.normal(0, 0.01, shape)
+    else:
+      raise ValueError(f'reference_state_dict: {key} is a {kind!r} entry')
+    state_dict[key] = value.astype(np.float32)
   return state_dict
