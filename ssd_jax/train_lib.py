@@ -178,6 +178,19 @@ def make_train_step(config, model_def, tx, mesh, priors=None):
                  compiler_options=compiler_options())
 
 
+def predict(model_def, state, images):
+  """The eval-mode forward pass: images -> (cls_logits, bbox_pred).
+
+  Pure and not compiled, for callers that compose it into their own jitted
+  or exported function (inference.py, export.py); `make_predict_step` is
+  its compiled form. `images` float [B,S,S,3], mean-subtracted; outputs are
+  float32, [B,P,C] raw logits and [B,P,4] encoded boxes.
+  """
+  model = nnx.merge(model_def.eval, state.params, state.model_state)
+  cls_logits, bbox_pred = model(images)
+  return cls_logits.astype(jnp.float32), bbox_pred.astype(jnp.float32)
+
+
 def make_predict_step(model_def):
   """The jit-compiled `predict_step(state, images) -> (cls_logits, bbox_pred)`.
 
@@ -185,12 +198,8 @@ def make_predict_step(model_def):
   [B,P,C] raw logits and [B,P,4] encoded boxes. `images` is sharded along
   the batch axis when the batch divides over the devices.
   """
-  def predict_step(state, images):
-    model = nnx.merge(model_def.eval, state.params, state.model_state)
-    cls_logits, bbox_pred = model(images)
-    return cls_logits.astype(jnp.float32), bbox_pred.astype(jnp.float32)
-
-  return jax.jit(predict_step, compiler_options=compiler_options())
+  return jax.jit(functools.partial(predict, model_def),
+                 compiler_options=compiler_options())
 
 
 def state_to_checkpoint(state):

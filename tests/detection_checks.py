@@ -40,3 +40,28 @@ def assert_same_detections(det, boxes, labels, scores, *, score_atol,
     swapped += ours != theirs
     start = stop
   return swapped
+
+
+def assert_similar_top_detections(det, boxes, labels, scores, *, top,
+                                  min_iou=0.9, score_atol=0.02):
+  """The reference's `top` best detections are in `det`, approximately.
+
+  For inputs that differ slightly from the reference's (another resize's
+  rounding): each of the first `top` reference detections (sorted by score)
+  must have a detection in `det` with the same label, IoU >= min_iou and a
+  score within score_atol, each of ours matched at most once; and the
+  number of detections is the same.
+  """
+  from ssd_jax import box_ops  # pylint: disable=g-import-not-at-top
+  assert len(det['labels']) == len(labels), (len(det['labels']), len(labels))
+  iou = box_ops.pairwise_iou(np.asarray(boxes[:top], np.float32),
+                             np.asarray(det['boxes'], np.float32), eps=0.0)
+  used = np.zeros(len(det['labels']), bool)
+  for k in range(min(top, len(labels))):
+    ok = ((det['labels'] == labels[k]) & (iou[k] >= min_iou) &
+          (np.abs(det['scores'] - scores[k]) <= score_atol) & ~used)
+    assert ok.any(), (k, labels[k], boxes[k], scores[k])
+    # The closest score among the candidates.
+    candidates = np.flatnonzero(ok)
+    used[candidates[np.argmin(np.abs(det['scores'][candidates] -
+                                     scores[k]))]] = True

@@ -15,11 +15,43 @@ float rounding:
   memory speed (the SSD300 train step at batch 4: 3% faster).
 """
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ssd_jax.models import winograd
+
+# None: follow jax.default_backend(); True / False: set by `cpu_kernels`.
+_CPU_KERNELS = contextvars.ContextVar('ssd_jax_cpu_kernels', default=None)
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool):
+  """Turns the CPU-only kernels on or off for the models traced inside.
+
+  With `enabled=False` no convolution is rewritten as Winograd
+  (`use_winograd`): every convolution is XLA's own, the graph to compile for
+  GPUs/TPUs or to export (ssd_jax/export.py); the values agree up to float
+  rounding. The setting is read when a model is traced, so enter it inside
+  the function being traced or exported. Outside any `cpu_kernels` block the
+  kernels are on when JAX's default backend is CPU (`cpu_kernels_enabled`).
+  """
+  token = _CPU_KERNELS.set(bool(enabled))
+  try:
+    yield
+  finally:
+    _CPU_KERNELS.reset(token)
+
+
+def cpu_kernels_enabled() -> bool:
+  """Whether models traced now use the CPU kernels (see `cpu_kernels`)."""
+  enabled = _CPU_KERNELS.get()
+  if enabled is None:
+    return jax.default_backend() == 'cpu'
+  return enabled
 
 
 @jax.custom_vjp
@@ -92,7 +124,8 @@ def conv(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1)),
 def use_winograd(kernel_shape, strides, padding, dilation, dtype):
   """Whether `conv` runs this convolution as Winograd F(2x2, 3x3).
 
-  On CPU, in float32, for 3x3 stride-1 convolutions padded by 1 whose
+  With the CPU kernels on (`cpu_kernels_enabled`), in float32, for 3x3
+  stride-1 convolutions padded by 1 whose
   channel counts have a harmonic mean of 80 or more: the matrix products
   Winograd shrinks grow with in x out channels, its transforms with in + out,
   and on SSD300's shapes it won forward + backward from conv2_1 (64 -> 128)
@@ -102,7 +135,7 @@ def use_winograd(kernel_shape, strides, padding, dilation, dtype):
     padding = tuple(_pair(p) for p in padding)
   _, _, channels_in, channels_out = kernel_shape
   harmonic_mean = 2 * channels_in * channels_out / (channels_in + channels_out)
-  return (jax.default_backend() == 'cpu' and
+  return (cpu_kernels_enabled() and
           jnp.dtype(dtype) == jnp.float32 and
           tuple(kernel_shape[:2]) == (3, 3) and
           harmonic_mean >= 80 and

@@ -1,0 +1,111 @@
+"""Detects objects in a folder of images and draws them.
+
+    python demo.py --workdir=W --images_dir=DIR --output_dir=OUT
+        [--score_threshold=0.7] [--step=N]
+
+Runs the checkpoint of W (the latest, or --step) on every .jpg, .jpeg, .png
+and .bmp file in DIR and writes OUT/<file name> with the boxes, class names
+and scores drawn, and OUT/detections.json:
+{file name: [{"box": [x1, y1, x2, y2], "score", "label", "class_name"}, ...]}
+(original-image pixels; an empty list when nothing scores above the
+threshold). Prints one line per image (load / inference time) and a summary.
+A file that cannot be read is reported and skipped.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
+                    'ssd_jax.torch_import.')
+flags.DEFINE_string('images_dir', None, 'Folder of images.')
+flags.DEFINE_string('output_dir', None, 'Where the drawn images and '
+                    'detections.json go.')
+flags.DEFINE_float('score_threshold', 0.7, 'Keep detections scoring above '
+                   'this.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+def image_files(images_dir):
+  """The image file names of `images_dir`, sorted."""
+  return sorted(name for name in os.listdir(images_dir)
+                if name.lower().endswith(IMAGE_EXTENSIONS) and
+                os.path.isfile(os.path.join(images_dir, name)))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not os.path.isdir(FLAGS.images_dir):
+    sys.exit(f'demo.py: --images_dir={FLAGS.images_dir} is not a folder')
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from ssd_jax import inference  # pylint: disable=g-import-not-at-top
+  from ssd_jax import visualize  # pylint: disable=g-import-not-at-top
+
+  names = image_files(FLAGS.images_dir)
+  start = time.perf_counter()
+  try:
+    detector = inference.Detector.from_workdir(FLAGS.workdir, FLAGS.step,
+                                               batch_size=1)
+  except FileNotFoundError as e:
+    sys.exit(f'demo.py: {e}')
+  size = detector.image_size
+  detector([np.zeros((size, size, 3), np.uint8)])  # compile once, up front
+  print(f'Loaded {FLAGS.workdir} (step {detector.step}) and compiled in '
+        f'{time.perf_counter() - start:.1f} s; {len(names)} images in '
+        f'{FLAGS.images_dir}')
+  os.makedirs(FLAGS.output_dir, exist_ok=True)
+
+  detections, skipped = {}, []
+  load_total = inference_total = 0.0
+  for i, name in enumerate(names):
+    start = time.perf_counter()
+    try:
+      image = inference.load_image(os.path.join(FLAGS.images_dir, name))
+    except (ValueError, OSError) as e:
+      skipped.append(name)
+      print(f'({i + 1:04d}/{len(names):04d}) {name}: skipped, {e}')
+      continue
+    load_time = time.perf_counter() - start
+    start = time.perf_counter()
+    [result] = detector([image], score_threshold=FLAGS.score_threshold)
+    inference_time = time.perf_counter() - start
+    load_total += load_time
+    inference_total += inference_time
+    detections[name] = [
+        {'box': [round(float(v), 2) for v in box], 'score': float(score),
+         'label': int(label), 'class_name': class_name}
+        for box, score, label, class_name in zip(
+            result['boxes'], result['scores'], result['labels'],
+            result['class_names'])]
+    drawn = visualize.draw_detections(
+        image, result['boxes'], result['labels'], result['scores'],
+        detector.class_names, score_threshold=FLAGS.score_threshold)
+    Image.fromarray(drawn).save(os.path.join(FLAGS.output_dir, name))
+    print(f'({i + 1:04d}/{len(names):04d}) {name}: objects '
+          f'{len(result["scores"]):02d} | load {load_time * 1000:.0f}ms | '
+          f'inference {inference_time * 1000:.0f}ms')
+
+  with open(os.path.join(FLAGS.output_dir, 'detections.json'), 'w') as f:
+    json.dump(detections, f, indent=1)
+  done = len(detections)
+  summary = f'Done: {done} images'
+  if done:
+    summary += (f', average load {load_total / done * 1000:.0f}ms, inference '
+                f'{inference_total / done * 1000:.0f}ms per image')
+  if skipped:
+    summary += f'; {len(skipped)} skipped (unreadable): {", ".join(skipped)}'
+  print(f'{summary}. Wrote {FLAGS.output_dir}')
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'images_dir', 'output_dir'])
+  app.run(main)
