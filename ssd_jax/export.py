@@ -2,7 +2,7 @@
 
     python -m ssd_jax.export --workdir=W --format=onnx --output=ssd.onnx
     python -m ssd_jax.export --workdir=W --format=saved_model --output=DIR
-    python -m ssd_jax.export --workdir=W --format=stablehlo --output=ssd.stablehlo
+    python -m ssd_jax.export --workdir=W --format=stablehlo --output=ssd.shlo
 
 The exported function (`serving_function`):
   images  float32 [B, S, S, 3]: RGB, 0..255, already resized to the model's

@@ -24,7 +24,8 @@ def test_demo(tmp_path):
   config = tiny.tiny_config(num_classes=21)
   config.data.class_names = ssd300_voc.VOC_CLASSES
   model = models.create_model(config, nnx.Rngs(4))
-  workdir = workdir_testing.save_workdir(tmp_path / 'w', config, model, step=12)
+  workdir = workdir_testing.save_workdir(tmp_path / 'w', config, model,
+                                         step=12)
   images_dir = tmp_path / 'images'
   images_dir.mkdir()
   names = ['000323.jpg', '002627.jpg', '004165.jpg']

@@ -143,7 +143,8 @@ def test_graph_has_no_cpu_kernels():
 
 def test_cli(tiny_model, expected, tmp_path):
   model, config = tiny_model
-  workdir = workdir_testing.save_workdir(tmp_path / 'w', config, model, step=3)
+  workdir = workdir_testing.save_workdir(tmp_path / 'w', config, model,
+                                         step=3)
   output = tmp_path / 'out' / 'ssd.stablehlo'
   result = subprocess.run(
       [sys.executable, '-m', 'ssd_jax.export', f'--workdir={workdir}',

@@ -131,7 +131,8 @@ def test_one_compile_per_batch_size_and_batch_independence(tiny_detector):
   tiny_detector(images[:3])  # padded to 4
   tiny_detector(images[:2])
   # Compiled for batches of 1, 2 and 4 only, whatever the image sizes.
-  assert tiny_detector._forward._cache_size() <= 3  # pylint: disable=protected-access
+  compiled = tiny_detector._forward._cache_size()  # pylint: disable=W0212
+  assert compiled <= 3
   assert len(batched) == len(images)
   for image, det in zip(images, batched):
     [alone] = tiny_detector([image])
@@ -187,7 +188,8 @@ def test_bad_inputs_are_named(tmp_path, tiny_detector):
     tiny_detector([np.zeros((8, 8, 3), np.uint8), broken])
   with pytest.raises(FileNotFoundError):
     tiny_detector([tmp_path / 'missing.png'])
-  with pytest.raises(ValueError, match=r'image 1: expected a uint8 \[H, W, 3\]'):
+  with pytest.raises(ValueError,
+                     match=r'image 1: expected a uint8 \[H, W, 3\]'):
     tiny_detector([np.zeros((8, 8, 3), np.uint8),
                    np.zeros((8, 8, 3), np.float32)])
   with pytest.raises(ValueError, match='image 0: expected'):
@@ -196,7 +198,8 @@ def test_bad_inputs_are_named(tmp_path, tiny_detector):
 
 def test_from_workdir(tmp_path, tiny_voc, tiny_detector):
   model, config = tiny_voc
-  workdir = workdir_testing.save_workdir(tmp_path / 'w', config, model, step=7)
+  workdir = workdir_testing.save_workdir(tmp_path / 'w', config, model,
+                                         step=7)
   detector = inference.Detector.from_workdir(workdir, batch_size=4)
   assert detector.step == 7
   assert detector.class_names == ssd300_voc.VOC_CLASSES
@@ -220,6 +223,7 @@ def test_from_torch(tmp_path):
   expected = nnx.eval_shape(lambda: models.create_model(config))
   torch_import.load_detector_state_dict(expected, state_dict)
   expected = nnx.to_pure_dict(nnx.state(expected, nnx.Param))
-  loaded = nnx.to_pure_dict(detector._state.params)  # pylint: disable=protected-access
+  state = detector._state  # pylint: disable=protected-access
+  loaded = nnx.to_pure_dict(state.params)
   jax.tree.map(np.testing.assert_array_equal, loaded, expected)
   detector.close()
