@@ -110,3 +110,27 @@ def model_input(name, image_size):
   images = np.random.RandomState(seed).normal(
       0, 50, (1, 3, image_size, image_size)).astype(np.float32)
   return images.transpose(0, 2, 3, 1)
+
+
+def torch_shape(variable, kind):
+  """The PyTorch-layout shape of a `torch_entries` variable."""
+  shape = tuple(variable.shape)
+  if kind in ('conv', 'depthwise'):
+    return (shape[3], shape[2], shape[0], shape[1])
+  if kind == 'linear':
+    return (shape[1], shape[0])
+  return shape
+
+
+def recipe_model(config, seed_base=4000):
+  """The model of `config`, built abstractly and filled with the generic
+  recipe over its reference keys (fast: no random initialisation runs)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ssd_jax import models  # pylint: disable=g-import-not-at-top
+  from ssd_jax import torch_import  # pylint: disable=g-import-not-at-top
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  shapes = {key: torch_shape(variable, kind)
+            for key, (variable, kind) in model.torch_entries().items()}
+  torch_import.load_detector_state_dict(
+      model, generic_recipe_state_dict(shapes, seed_base))
+  return model

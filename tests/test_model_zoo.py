@@ -114,20 +114,25 @@ def test_mobilenet_priors_must_fit_the_backbone():
 
 @pytest.mark.parametrize('name', ['mobilenet_v2', 'mobilenet_v3'])
 def test_bfloat16_keeps_batch_norm_statistics_float32(name):
+  """bf16 compute: float32 parameters, BatchNorm statistics updated in
+  float32 in training mode, eval outputs close to the float32 model's."""
   config = tiny_mobilenet_config(name)
   config.model.dtype = 'bfloat16'
-  model = models.create_model(config)
+  model = recipe.recipe_model(config)
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3)) * 50
-  model.train()  # batch statistics, running averages updated
-  cls_train, _ = _forward(model, images)
-  assert cls_train.dtype == jnp.bfloat16
-  stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+
+  def updated_statistics(model, images):
+    model.train()
+    model(images)
+    return nnx.state(model, nnx.BatchStat)
+
+  stats = jax.tree.leaves(nnx.eval_shape(updated_statistics, model, images))
   assert stats and all(x.dtype == jnp.float32 for x in stats)
-  assert all(np.isfinite(np.asarray(x)).all() for x in stats)
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   model.eval()
   cls_bf16, box_bf16 = _forward(model, images)
+  assert cls_bf16.dtype == jnp.bfloat16
   config.model.dtype = 'float32'
   reference = nnx.eval_shape(lambda: models.create_model(config))
   nnx.update(reference, nnx.state(model))  # same weights and statistics
@@ -161,3 +166,95 @@ def test_batch_norm_follows_pytorch():
       np.asarray(ours(jnp.asarray(x))),
       theirs(x_torch).detach().numpy().transpose(0, 2, 3, 1),
       rtol=1e-5, atol=1e-5)
+
+
+def _imagenet_file(model, keep, extra_shapes, seed=0):
+  """A state dict in an ImageNet checkpoint's layout: our backbone's keys
+  for which keep(key) holds (PyTorch shapes), plus `extra_shapes` (keys the
+  reference's backbone does not have) and num_batches_tracked buffers."""
+  rs = np.random.RandomState(seed)
+  state_dict = {}
+  for key, (variable, kind) in model.backbone.torch_entries('').items():
+    if keep(key):
+      state_dict[key] = rs.normal(
+          0, 1, recipe.torch_shape(variable, kind)).astype(np.float32)
+      if key.endswith('running_var'):
+        state_dict[key[:-len('running_var')] + 'num_batches_tracked'] = (
+            np.array(7, np.int64))
+  for key, shape in extra_shapes.items():
+    state_dict[key] = rs.normal(0, 1, shape).astype(np.float32)
+  return state_dict
+
+
+def _backbone_values(model):
+  return {key: np.asarray(variable[...]) for key, (variable, _) in
+          model.backbone.torch_entries('').items()}
+
+
+def test_mobilenet_v2_imagenet_weights_load_like_the_reference(tmp_path):
+  """torchvision's mobilenet_v2 file has `features.0-18` (= the reference's
+  `features`) and `classifier.1`; load_state_dict(strict=False) takes every
+  `features` key, skips the classifier and leaves the extras as they are."""
+  config = tiny_mobilenet_config('mobilenet_v2')
+  model = recipe.recipe_model(config)
+  before = _backbone_values(model)
+  features = sorted(k for k in before if k.startswith('features.'))
+  assert features[0] == 'features.0.0.weight' and any(
+      k.startswith('features.18.') for k in features)
+  state_dict = _imagenet_file(
+      model, lambda k: k.startswith('features.'),
+      {'classifier.1.weight': (1000, 1280), 'classifier.1.bias': (1000,)})
+  taken = torch_import.load_backbone_state_dict_non_strict(model, state_dict)
+  assert sorted(taken) == features
+  after = _backbone_values(model)
+  for key in before:
+    if key.startswith('extras.'):
+      np.testing.assert_array_equal(after[key], before[key])
+  np.testing.assert_array_equal(  # OIHW -> HWIO, depthwise [C,1,3,3] -> [3,3,1,C]
+      after['features.1.conv.0.0.weight'],
+      state_dict['features.1.conv.0.0.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(after['features.18.1.running_var'],
+                                state_dict['features.18.1.running_var'])
+  wrong = dict(state_dict)
+  wrong['features.2.conv.2.weight'] = np.zeros((24, 96, 3, 3), np.float32)
+  with pytest.raises(ValueError, match=r'features.2.conv.2.weight has shape'):
+    torch_import.load_backbone_state_dict_non_strict(model, wrong)
+  with pytest.raises(ValueError, match='no key fits'):
+    torch_import.load_backbone_state_dict_non_strict(
+        model, {'fc.weight': np.zeros((1000, 2048))})
+  # Through a file and the backbone-name dispatch the trainer uses.
+  torch = pytest.importorskip('torch')
+  path = str(tmp_path / 'mobilenet_v2-b0353104.pth')
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in
+              state_dict.items()}, path)
+  assert sorted(torch_import.load_pretrained_backbone(model, path,
+                                                      config)) == features
+
+
+def test_mobilenet_v3_imagenet_weights_load_like_the_reference():
+  """d-li14's mobilenetv3-large file has `features.0-15` (stem and blocks),
+  its last 1x1 conv as `conv.*` and `classifier.*`. The reference's
+  MobileNetV3 appends that conv to `features` (features.16), so
+  load_state_dict(strict=False) takes features.0-15 only: features.16 and
+  the extras keep their initialisation."""
+  config = tiny_mobilenet_config('mobilenet_v3')
+  model = recipe.recipe_model(config)
+  before = _backbone_values(model)
+  blocks = sorted(k for k in before if k.startswith('features.')
+                  and not k.startswith('features.16.'))
+  state_dict = _imagenet_file(
+      model, lambda k: k in blocks,
+      {'conv.0.weight': (960, 160, 1, 1), 'conv.1.weight': (960,),
+       'conv.1.bias': (960,), 'conv.1.running_mean': (960,),
+       'conv.1.running_var': (960,), 'classifier.0.weight': (1280, 960),
+       'classifier.0.bias': (1280,), 'classifier.3.weight': (1000, 1280),
+       'classifier.3.bias': (1000,)})
+  taken = torch_import.load_backbone_state_dict_non_strict(model, state_dict)
+  assert sorted(taken) == blocks
+  after = _backbone_values(model)
+  for key in before:
+    if key.startswith(('features.16.', 'extras.')):
+      np.testing.assert_array_equal(after[key], before[key])
+  np.testing.assert_array_equal(  # Linear [out, in] -> [in, out]
+      after['features.4.conv.5.fc.0.weight'],
+      state_dict['features.4.conv.5.fc.0.weight'].T)
