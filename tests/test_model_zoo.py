@@ -7,6 +7,8 @@ reference's head outputs.
 """
 
 import importlib
+import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +16,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ssd_jax import checkpointing
 from ssd_jax import models
 from ssd_jax import priors as priors_lib
 from ssd_jax import torch_import
+from ssd_jax import trainer
 from ssd_jax.models import backbones
 from ssd_jax.models import layers
 from tests import recipe
 from tests.reference_data import load_fixture
 from tests.tiny import tiny_mobilenet_config
+from tests.tiny import tiny_mobilenet_shapes_config
 
 # fixture name -> (our config module, trainable parameters in the fixtures'
 # README table, whether the fixture holds head outputs).
@@ -258,3 +263,23 @@ def test_mobilenet_v3_imagenet_weights_load_like_the_reference():
   np.testing.assert_array_equal(  # Linear [out, in] -> [in, out]
       after['features.4.conv.5.fc.0.weight'],
       state_dict['features.4.conv.5.fc.0.weight'].T)
+
+
+def test_mobilenet_trains_and_evaluates_end_to_end(tmp_path):
+  """MobileNetV3-SSDLite through the trainer on shapes data: finite losses,
+  checkpoints, the evaluation JSON; then restored by the evaluator alone."""
+  config = tiny_mobilenet_shapes_config(tmp_path / 'shapes', 'mobilenet_v3',
+                                        num_train=16, num_test=4)
+  config.solver.max_iter = 4
+  config.save_step = 2
+  workdir = tmp_path / 'run'
+  trainer.train_and_evaluate(config, str(workdir))
+  log = (workdir / 'log.txt').read_text()
+  losses = [float(v) for v in re.findall(r'total_loss: (\S+) \(', log)]
+  assert len(losses) == 4 and np.isfinite(losses).all()
+  assert checkpointing.Checkpointer(str(workdir)).all_steps() == [2, 4]
+  with open(workdir / 'eval' / 'voc_2007_test_4.json') as f:
+    result = json.load(f)
+  assert result['step'] == 4 and 0 <= result['map'] <= 1
+  restored = trainer.evaluate_workdir(config, str(workdir))
+  assert restored['voc_2007_test']['map'] == pytest.approx(result['map'])
