@@ -202,11 +202,8 @@ def _candidates(cls_logits, threshold):
   if threshold > 0:
     # A pair can only pass if x_c > x_0 + log(threshold) (module docstring);
     # class 0 never passes (bound +inf).
-    bound = logits[:, 0] + np.float32(math.log(threshold) - _PREFILTER_SLACK)
-    bound = np.repeat(bound, num_classes)
-    bound[::num_classes] = np.inf
-    rows = np.flatnonzero(logits.reshape(-1) > bound) // num_classes
-    rows = rows[np.diff(rows, prepend=-1) != 0]  # unique (rows are sorted)
+    bound = logits[:, :1] + np.float32(math.log(threshold) - _PREFILTER_SLACK)
+    rows = np.flatnonzero((logits[:, 1:] > bound).any(axis=1))
   else:
     rows = np.arange(batch * num_priors)
   # Softmax of the candidate rows, laid out [C, rows] so that the reductions
