@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from configs import ssd300_coco
+from configs import ssd300_voc
 from ssd_jax.data import coco
 from ssd_jax.data import pipeline
 from ssd_jax.data import sources
@@ -104,6 +105,16 @@ def test_zero_area_boxes_unknown_ids_and_bad_images(tmp_path):
   assert len(index.objects(0)[0]) == 3
 
 
+def test_voc_and_coco_do_not_mix_in_one_index():
+  voc = sources.folder_index(
+      os.path.join(os.path.dirname(__file__), 'fixtures', 'voc_tiny'),
+      'voc_2007_test', ssd300_voc.VOC_CLASSES)
+  train = coco.folder_index(COCO_TINY, 'coco_2014_minival', training=True)
+  assert len(sources.Index.concatenate([train, train])) == 8
+  with pytest.raises(ValueError, match='cannot mix datasets'):
+    sources.Index.concatenate([voc, train])
+
+
 def test_missing_or_malformed_dataset_says_what_to_do(tmp_path):
   with pytest.raises(sources.DatasetNotFoundError,
                      match=r'instances_minival2014.json does not exist.*'
@@ -193,6 +204,21 @@ def test_tfds_backend_equals_folder_backend(coco_2017, tmp_path, monkeypatch):
           np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
         np.testing.assert_allclose(a.bboxes, b.bboxes, atol=1e-3)
         np.testing.assert_allclose(a.areas, b.areas, atol=1)
+  # And so the same training stream.
+  config = ssd300_coco.get_config()
+  config.data.train = ('coco_2017_train', 'coco_2017_val')
+  config.data.max_boxes = 6
+  config.solver.batch_size = 4
+  config.input.image_size = 64
+  config.data.coco_root, config.data.tfds_data_dir = coco_2017, ''
+  from_folder = next(pipeline.create_train_iterator(config, start_step=1))
+  config.data.coco_root, config.data.tfds_data_dir = '', data_dir
+  from_tfds = next(pipeline.create_train_iterator(config, start_step=1))
+  for key in from_folder:
+    np.testing.assert_allclose(from_tfds[key], from_folder[key], atol=1e-4,
+                               err_msg=key)
+  assert from_folder['mask'].any()
+
   val = coco.folder_index(coco_2017, 'coco_2017_val', training=False)
   assert val.coco.annotations.iscrowd.sum() == 1
   assert val.coco.category_ids[1:].tolist() == [i for i, _ in coco.CATEGORIES]

@@ -6,8 +6,9 @@ names from the json's categories), crowd annotations left out of the boxes,
 boxes [x, y, w, h] -> (x, y, x + w, y + h) in pixels (no "-1", unlike VOC),
 boxes without area dropped. Training indices leave out the images that have
 no annotation at all; evaluation indices keep every image. Examples are
-ordered by image id, so the two backends give the same index and the same
-training stream.
+ordered by image id and each image's boxes by annotation id (as TFDS stores
+them), so the two backends give the same index and the same training
+stream.
 
 Dataset names (the reference's, under `config.data.coco_root`):
 
