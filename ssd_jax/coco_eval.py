@@ -2,8 +2,8 @@
 
 The COCO API is faster-coco-eval (`faster_coco_eval.COCOeval_faster`): it
 gives the same twelve numbers as pycocotools on the same detections in about
-1/8 of the CPU time (BENCHMARKS.md, "COCO evaluation"). Host-side and numpy only:
-no TensorFlow, no JAX.
+1/8 of the CPU time (BENCHMARKS.md, "COCO evaluation"). Host-side and numpy
+only: no TensorFlow, no JAX.
 
 Conventions: detections are the evaluator's per-image dicts, boxes
 (x1, y1, x2, y2) in original-image pixels and contiguous labels 1..N; the

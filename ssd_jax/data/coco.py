@@ -13,7 +13,7 @@ stream.
 Dataset names (the reference's, under `config.data.coco_root`):
 
     coco_2014_train            train2014/  annotations/instances_train2014.json
-    coco_2014_valminusminival  val2014/    .../instances_valminusminival2014.json
+    coco_2014_valminusminival  val2014/    .../instances_valminusminival2014
     coco_2014_minival          val2014/    .../instances_minival2014.json
     coco_2014_val              val2014/    .../instances_val2014.json
     coco_2017_train            train2017/  .../instances_train2017.json
