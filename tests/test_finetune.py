@@ -149,3 +149,25 @@ def test_checkpoint_of_another_model_is_one_clear_error(tmp_path, change,
   # The failed train.py run left the workdir's config alone.
   with open(os.path.join(workdir, checkpointing.CONFIG_FILE)) as f:
     assert f.read() == saved_config
+
+
+def test_eval_command_reports_the_mismatch_without_a_traceback(tmp_path):
+  config = tiny_config(num_classes=4)
+  config.model.backbone.batch_norm = False
+  workdir = str(tmp_path / 'workdir')
+  _model_only_workdir(config, workdir)
+  config_file = tmp_path / 'six_classes.py'
+  config_file.write_text(
+      'from tests.tiny import tiny_config\n'
+      'def get_config():\n'
+      '  config = tiny_config(num_classes=6)\n'
+      '  config.model.backbone.batch_norm = False\n'
+      '  return config\n')
+  result = subprocess.run(
+      [sys.executable, 'eval.py', f'--workdir={workdir}',
+       f'--config={config_file}'],
+      cwd=ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode == 1
+  assert 'eval.py: ' in result.stderr and 'does not fit' in result.stderr
+  assert 'config (3, 3, 32, 24)' in result.stderr
+  assert 'Traceback' not in result.stderr
