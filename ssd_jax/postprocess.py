@@ -43,6 +43,8 @@ _BLOCK = 48
 # Slack (in logit units) of the background-logit prefilter; it covers the
 # float32 rounding of the softmax for logits up to |x| ~ 1e5.
 _PREFILTER_SLACK = 0.01
+# Candidate rows whose softmax is computed at a time.
+_SOFTMAX_ROWS = 2048
 # Fewest images per thread-pool task.
 _MIN_CHUNK = 8
 
@@ -201,21 +203,30 @@ def _candidates(cls_logits, threshold):
   threshold = np.float32(threshold)
   if threshold > 0:
     # A pair can only pass if x_c > x_0 + log(threshold) (module docstring);
-    # class 0 never passes (bound +inf).
+    # class 0 is never a candidate.
     bound = logits[:, :1] + np.float32(math.log(threshold) - _PREFILTER_SLACK)
     rows = np.flatnonzero((logits[:, 1:] > bound).any(axis=1))
   else:
     rows = np.arange(batch * num_priors)
+  flat_rows, labels, scores = [], [], []
   # Softmax of the candidate rows, laid out [C, rows] so that the reductions
-  # over the classes run along long contiguous rows.
-  probs = logits[rows].T.copy()
-  probs -= probs.max(axis=0)
-  np.exp(probs, out=probs)
-  probs /= probs.sum(axis=0)
-  row, col = np.nonzero((probs[1:] > threshold).T)  # (prior, class) order
-  flat_rows = rows[row]
-  return (flat_rows // num_priors, flat_rows % num_priors, col + 1,
-          probs[col + 1, row])
+  # over the classes run along long contiguous rows; a chunk of rows at a
+  # time, so that the transposing copy stays in cache (many classes).
+  for start in range(0, len(rows), _SOFTMAX_ROWS):
+    part = rows[start:start + _SOFTMAX_ROWS]
+    probs = logits[part].T.copy()
+    probs -= probs.max(axis=0)
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=0)
+    row, col = np.nonzero((probs[1:] > threshold).T)  # (prior, class) order
+    flat_rows.append(part[row])
+    labels.append(col + 1)
+    scores.append(probs[col + 1, row])
+  if not flat_rows:
+    return (np.zeros(0, np.int64),) * 3 + (np.zeros(0, np.float32),)
+  flat_rows = np.concatenate(flat_rows)
+  return (flat_rows // num_priors, flat_rows % num_priors,
+          np.concatenate(labels), np.concatenate(scores))
 
 
 def _top_order(scores, count):
