@@ -283,3 +283,12 @@ def test_mobilenet_trains_and_evaluates_end_to_end(tmp_path):
   assert result['step'] == 4 and 0 <= result['map'] <= 1
   restored = trainer.evaluate_workdir(config, str(workdir))
   assert restored['voc_2007_test']['map'] == pytest.approx(result['map'])
+
+
+def test_shapes_demo_mobilenet_config_is_valid():
+  from configs import shapes_demo_mobilenet  # pylint: disable=g-import-not-at-top
+  config = shapes_demo_mobilenet.get_config()
+  models.validate_config(config)
+  assert config.model.backbone.name == 'mobilenet_v2'
+  assert config.model.box_head.predictor == 'ssdlite'
+  assert priors_lib.num_priors(config) == 628
