@@ -19,6 +19,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
@@ -43,6 +44,7 @@ def image_files(images_dir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # Orbax's progress lines
   if not os.path.isdir(FLAGS.images_dir):
     sys.exit(f'demo.py: --images_dir={FLAGS.images_dir} is not a folder')
   import numpy as np  # pylint: disable=g-import-not-at-top

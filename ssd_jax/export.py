@@ -26,7 +26,7 @@ Formats:
   saved_model  jax2tf (the StableHLO inside an XlaCallModule op; parameters as
                tf.Variables); signature 'serving_default' images -> {boxes,
                scores}. Loads with TF >= 2.15 on CPU or GPU.
-  onnx         jax2onnx (opset 17), inputs/outputs named images, boxes, scores.
+  onnx         jax2onnx (opset 18), inputs/outputs named images, boxes, scores.
 """
 
 import os
@@ -41,7 +41,7 @@ from ssd_jax import train_lib
 from ssd_jax.models import layers
 
 FORMATS = ('onnx', 'saved_model', 'stablehlo')
-ONNX_OPSET = 17
+ONNX_OPSET = 18
 STABLEHLO_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 

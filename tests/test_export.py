@@ -28,14 +28,16 @@ def tiny_model():
   config = tiny.tiny_config()
   config.model.backbone.batch_norm = True  # BatchNorm statistics exported too
   model = models.create_model(config, nnx.Rngs(5))
-  # Non-trivial running statistics, so that eval mode matters.
+  # Non-trivial running statistics (means and variances), so that eval mode
+  # matters.
   rng = np.random.default_rng(1)
-  for _, module in nnx.iter_graph(model):
-    if isinstance(module, nnx.BatchNorm):
-      module.mean.value = jnp.asarray(rng.normal(0, 0.5, module.mean.shape),
-                                      jnp.float32)
-      module.var.value = jnp.asarray(rng.uniform(0.5, 2, module.var.shape),
-                                     jnp.float32)
+  stats = nnx.state(model, nnx.BatchStat)
+  values = jax.tree.map(
+      lambda x: rng.uniform(0.5, 1.5, x.shape).astype(np.float32),
+      stats.to_pure_dict())
+  assert len(jax.tree.leaves(values)) >= 20
+  nnx.replace_by_pure_dict(stats, values)
+  nnx.update(model, stats)
   return model, config
 
 
@@ -115,6 +117,21 @@ def test_onnx(tiny_model, expected, tmp_path):
   for batch in (3, 1):
     _check(session.run(['boxes', 'scores'], {'images': expected[0][:batch]}),
            expected, batch)
+
+
+def test_onnx_mobilenet_v3():
+  """The SSDLite zoo exports too (depthwise convs, hard-swish, SE blocks)."""
+  ort = pytest.importorskip('onnxruntime')
+  config = tiny.tiny_mobilenet_config('mobilenet_v3')
+  model = models.create_model(config, nnx.Rngs(2))
+  fn, variables = export.serving_function(model, config)
+  images = np.random.default_rng(3).uniform(0, 255, (2, 64, 64, 3)).astype(
+      np.float32)
+  boxes, scores = jax.jit(fn)(variables, images)
+  session = ort.InferenceSession(
+      export.to_onnx(model, config).SerializeToString())
+  _check(session.run(['boxes', 'scores'], {'images': images}),
+         (images, np.asarray(boxes), np.asarray(scores)), 2)
 
 
 def test_graph_has_no_cpu_kernels():
