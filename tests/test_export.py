@@ -119,21 +119,6 @@ def test_onnx(tiny_model, expected, tmp_path):
            expected, batch)
 
 
-def test_onnx_mobilenet_v3():
-  """The SSDLite zoo exports too (depthwise convs, hard-swish, SE blocks)."""
-  ort = pytest.importorskip('onnxruntime')
-  config = tiny.tiny_mobilenet_config('mobilenet_v3')
-  model = models.create_model(config, nnx.Rngs(2))
-  fn, variables = export.serving_function(model, config)
-  images = np.random.default_rng(3).uniform(0, 255, (2, 64, 64, 3)).astype(
-      np.float32)
-  boxes, scores = jax.jit(fn)(variables, images)
-  session = ort.InferenceSession(
-      export.to_onnx(model, config).SerializeToString())
-  _check(session.run(['boxes', 'scores'], {'images': images}),
-         (images, np.asarray(boxes), np.asarray(scores)), 2)
-
-
 def test_graph_has_no_cpu_kernels():
   """Winograd convolutions, which the model uses on CPU, are not exported."""
   config = tiny.tiny_config()

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ['ssd_jax.box_ops', 'ssd_jax.priors', 'ssd_jax.targets',
         'ssd_jax.losses', 'ssd_jax.models', 'ssd_jax.optim',
         'ssd_jax.checkpointing', 'ssd_jax.torch_import']
-OPTIONAL_CORE = ['ssd_jax.train_lib', 'ssd_jax.postprocess', 'ssd_jax.voc_eval']
+OPTIONAL_CORE = ['ssd_jax.train_lib', 'ssd_jax.postprocess', 'ssd_jax.voc_eval',
+                 'ssd_jax.inference', 'ssd_jax.export']
 
 
 def _imports_tensorflow(modules):
