@@ -44,29 +44,45 @@ def area(boxes):
   return wh[..., 0] * wh[..., 1]
 
 
-def pairwise_iou(boxes_a, boxes_b, eps=IOU_EPS):
-  """IoU of every box in `boxes_a` with every box in `boxes_b`.
+def iou(boxes_a, boxes_b, eps=IOU_EPS):
+  """IoU of the boxes of `boxes_a` and `boxes_b`, paired by broadcasting.
+
+  The one IoU of matching (targets.py, eps=IOU_EPS) and NMS (postprocess.py,
+  eps=0). VOC AP keeps its own (voc_eval.py: the "+1" pixel convention).
 
   Args:
-    boxes_a: [..., N, 4] corner form.
-    boxes_b: [..., M, 4] corner form (leading axes broadcast with boxes_a's).
+    boxes_a: [..., 4] corner form.
+    boxes_b: [..., 4] corner form, broadcast against boxes_a.
     eps: added to the union, as the reference's `iou_of` does (0 gives
       torchvision's nms arithmetic).
 
   Returns:
-    [..., N, M] overlap / (area_a + area_b - overlap + eps), no "+1" pixel
-    rule. Computed per coordinate (no [N, M, 4] intermediates).
+    [...] overlap / (area_a + area_b - overlap + eps), no "+1" pixel rule.
+    Computed per coordinate: broadcasting [N, 1, 4] against [1, M, 4] makes
+    [N, M] arrays, never [N, M, 4].
   """
   xp = _xp(boxes_a, boxes_b)
-  a = boxes_a[..., :, None, :]
-  b = boxes_b[..., None, :, :]
-  w = xp.clip(xp.minimum(a[..., 2], b[..., 2]) -
-              xp.maximum(a[..., 0], b[..., 0]), 0, None)
-  h = xp.clip(xp.minimum(a[..., 3], b[..., 3]) -
-              xp.maximum(a[..., 1], b[..., 1]), 0, None)
+  w = xp.clip(xp.minimum(boxes_a[..., 2], boxes_b[..., 2]) -
+              xp.maximum(boxes_a[..., 0], boxes_b[..., 0]), 0, None)
+  h = xp.clip(xp.minimum(boxes_a[..., 3], boxes_b[..., 3]) -
+              xp.maximum(boxes_a[..., 1], boxes_b[..., 1]), 0, None)
   overlap = w * h
-  union = area(boxes_a)[..., :, None] + area(boxes_b)[..., None, :] - overlap
+  union = area(boxes_a) + area(boxes_b) - overlap
   return overlap / (union + eps)
+
+
+def pairwise_iou(boxes_a, boxes_b, eps=IOU_EPS):
+  """`iou` of every box in `boxes_a` with every box in `boxes_b`.
+
+  Args:
+    boxes_a: [..., N, 4] corner form.
+    boxes_b: [..., M, 4] corner form (leading axes broadcast with boxes_a's).
+    eps: as in `iou`.
+
+  Returns:
+    [..., N, M] IoU.
+  """
+  return iou(boxes_a[..., :, None, :], boxes_b[..., None, :, :], eps)
 
 
 def encode(boxes, priors, center_variance, size_variance):

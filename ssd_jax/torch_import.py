@@ -124,6 +124,17 @@ def load_detector_state_dict(model, state_dict, source='state dict'):
   return model
 
 
+def reference_state_dict(model):
+  """{reference key: float32 numpy array in its layout (OIHW)} of `model`.
+
+  The inverse of `load_detector_state_dict`, for comparing with reference
+  weights.
+  """
+  return {key: (np.asarray(param[...]).transpose(3, 2, 0, 1)
+                if kind == 'conv' else np.asarray(param[...]))
+          for key, (param, kind) in _detector_entries(model).items()}
+
+
 def load_vgg_state_dict(model, state_dict, source='state dict'):
   """Sets the VGG convs of `model` from a vgg16_reducedfc state dict."""
   _assign(model.backbone.vgg_torch_entries(''), state_dict, source)

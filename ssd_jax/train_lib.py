@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ssd_jax import losses
 from ssd_jax import priors as priors_lib
 from ssd_jax import targets
+from ssd_jax.models import layers
 
 DATA_AXIS = 'data'
 
@@ -35,20 +36,35 @@ _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @functools.cache
-def compiler_options():
-  """XLA options for the compiled steps on this backend (None = defaults).
+def compiler_options(platform='cpu'):
+  """XLA options for the compiled steps on `platform` (None = defaults).
 
-  On CPU: YNNPACK off, if this jaxlib knows the option (checked once by
-  compiling a trivial function; an unknown option is left out).
+  On 'cpu': YNNPACK off, if this jaxlib knows the option (checked once by
+  compiling a trivial function; an unknown option is left out). Other
+  platforms ('gpu', 'tpu', ...) compile with XLA's defaults.
   """
-  if jax.default_backend() != 'cpu':
+  if platform != 'cpu':
     return None
   try:
     jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
-        jnp.zeros(())).compile()
+        jax.device_put(jnp.zeros(()), jax.devices('cpu')[0])).compile()
   except Exception:  # pylint: disable=broad-exception-caught
     return None
   return dict(_CPU_COMPILER_OPTIONS)
+
+
+def mesh_platform(mesh):
+  """The platform ('cpu', 'gpu', 'tpu') of `mesh`'s devices (one kind)."""
+  platforms = {device.platform for device in mesh.devices.flat}
+  if len(platforms) != 1:
+    raise ValueError(f'a mesh mixes device platforms {sorted(platforms)}; '
+                     'build it from devices of one kind')
+  return platforms.pop()
+
+
+def _resolve_cpu_kernels(cpu_kernels, platform):
+  """`cpu_kernels` if given, else on exactly when the step runs on CPU."""
+  return platform == 'cpu' if cpu_kernels is None else bool(cpu_kernels)
 
 
 @flax.struct.dataclass
@@ -144,19 +160,30 @@ def loss_and_targets(model, batch, priors, config):
                  'num_positives': jnp.sum(cls_targets > 0)}
 
 
-def make_train_step(config, model_def, tx, mesh, priors=None):
+def make_train_step(config, model_def, tx, mesh, priors=None,
+                    cpu_kernels=None):
   """The jit-compiled `train_step(state, batch) -> (state, metrics)`.
 
   The state is donated (its buffers are reused for the new state). `batch`
   holds global arrays sharded along the batch axis (see `global_batch`).
   Metrics (losses, number of positive priors, gradient norm) are replicated
   scalars; reading them is the only host sync.
+
+  `cpu_kernels` (see `layers.cpu_kernels`): None uses the CPU-only kernels
+  and compiler options exactly when `mesh`'s devices are CPUs, so a GPU/TPU
+  step is plain XLA; True / False forces the choice (tests, benchmarks).
   """
   if priors is None:
     priors = priors_lib.generate_priors(config)
   priors = jnp.asarray(priors)
+  platform = mesh_platform(mesh)
+  use_cpu_kernels = _resolve_cpu_kernels(cpu_kernels, platform)
 
   def train_step(state, batch):
+    with layers.cpu_kernels(use_cpu_kernels):
+      return _train_step(state, batch)
+
+  def _train_step(state, batch):
     def loss_fn(params):
       model = nnx.merge(model_def.train, params, state.model_state, copy=True)
       total, metrics = loss_and_targets(model, batch, priors, config)
@@ -175,7 +202,7 @@ def make_train_step(config, model_def, tx, mesh, priors=None):
   return jax.jit(train_step, donate_argnums=0,
                  in_shardings=(replicated, batch_sharding(mesh)),
                  out_shardings=(replicated, replicated),
-                 compiler_options=compiler_options())
+                 compiler_options=compiler_options(platform))
 
 
 def predict(model_def, state, images):
@@ -184,22 +211,32 @@ def predict(model_def, state, images):
   Pure and not compiled, for callers that compose it into their own jitted
   or exported function (inference.py, export.py); `make_predict_step` is
   its compiled form. `images` float [B,S,S,3], mean-subtracted; outputs are
-  float32, [B,P,C] raw logits and [B,P,4] encoded boxes.
+  float32, [B,P,C] raw logits and [B,P,4] encoded boxes. The CPU kernels
+  follow `layers.cpu_kernels` where the caller traces it.
   """
   model = nnx.merge(model_def.eval, state.params, state.model_state)
   cls_logits, bbox_pred = model(images)
   return cls_logits.astype(jnp.float32), bbox_pred.astype(jnp.float32)
 
 
-def make_predict_step(model_def):
+def make_predict_step(model_def, *, platform=None, cpu_kernels=None):
   """The jit-compiled `predict_step(state, images) -> (cls_logits, bbox_pred)`.
 
   Eval mode (BatchNorm uses running statistics); outputs are float32,
   [B,P,C] raw logits and [B,P,4] encoded boxes. `images` is sharded along
   the batch axis when the batch divides over the devices.
+
+  `platform`: where the step runs (default: JAX's default backend);
+  `cpu_kernels` as in `make_train_step` (None: on exactly on CPU).
   """
-  return jax.jit(functools.partial(predict, model_def),
-                 compiler_options=compiler_options())
+  platform = platform or jax.default_backend()
+  use_cpu_kernels = _resolve_cpu_kernels(cpu_kernels, platform)
+
+  def predict_step(state, images):
+    with layers.cpu_kernels(use_cpu_kernels):
+      return predict(model_def, state, images)
+
+  return jax.jit(predict_step, compiler_options=compiler_options(platform))
 
 
 def state_to_checkpoint(state):

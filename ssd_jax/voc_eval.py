@@ -38,21 +38,11 @@ def voc_iou(boxes_a, boxes_b):
   """IoU with the VOC "+1" convention: [N, 4], [M, 4] -> [N, M].
 
   Boxes are (xmin, ymin, xmax, ymax) with inclusive integer-pixel ends, so
-  xmax and ymax get +1 first. Computed in the inputs' dtype with the
-  reference's arithmetic (bit-identical); 0/0 gives NaN, as there.
+  xmax and ymax get +1 first. See `voc_iou_pairs` for the arithmetic.
   """
-  a = np.array(boxes_a, copy=True)
-  b = np.array(boxes_b, copy=True)
-  a[:, 2:] += 1
-  b[:, 2:] += 1
-  top_left = np.maximum(a[:, None, :2], b[:, :2])
-  bottom_right = np.minimum(a[:, None, 2:], b[:, 2:])
-  wh = bottom_right - top_left
-  area_i = wh[..., 0] * wh[..., 1] * (top_left < bottom_right).all(axis=2)
-  area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-  area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  with np.errstate(divide='ignore', invalid='ignore'):
-    return area_i / (area_a[:, None] + area_b - area_i)
+  a = np.asarray(boxes_a)
+  b = np.asarray(boxes_b)
+  return voc_iou_pairs(a[:, None, :], b[None, :, :])
 
 
 def _match(image, labels, scores, boxes, gt_image, gt_labels, gt_boxes,
@@ -105,11 +95,17 @@ def _match(image, labels, scores, boxes, gt_image, gt_labels, gt_boxes,
 
 
 def voc_iou_pairs(boxes_a, boxes_b):
-  """`voc_iou` of aligned pairs: [N, 4], [N, 4] -> [N], same arithmetic."""
-  ax1, ay1 = boxes_a[:, 0], boxes_a[:, 1]
-  bx1, by1 = boxes_b[:, 0], boxes_b[:, 1]
-  ax2, ay2 = boxes_a[:, 2] + 1, boxes_a[:, 3] + 1
-  bx2, by2 = boxes_b[:, 2] + 1, boxes_b[:, 3] + 1
+  """`voc_iou` of boxes paired by broadcasting: [..., 4], [..., 4] -> [...].
+
+  Not box_ops.iou, on purpose: the reference's VOC evaluator (chainercv's
+  bbox_iou) adds 1 to xmax/ymax and takes a box's area unclipped, and AP
+  parity needs its arithmetic bit for bit. Computed in the inputs' dtype;
+  0/0 gives NaN, as there.
+  """
+  ax1, ay1 = boxes_a[..., 0], boxes_a[..., 1]
+  bx1, by1 = boxes_b[..., 0], boxes_b[..., 1]
+  ax2, ay2 = boxes_a[..., 2] + 1, boxes_a[..., 3] + 1
+  bx2, by2 = boxes_b[..., 2] + 1, boxes_b[..., 3] + 1
   left, top = np.maximum(ax1, bx1), np.maximum(ay1, by1)
   right, bottom = np.minimum(ax2, bx2), np.minimum(ay2, by2)
   area_i = (right - left) * (bottom - top) * ((left < right) & (top < bottom))

@@ -11,6 +11,7 @@ from flax import nnx
 from ssd_jax import checkpointing
 from ssd_jax import models
 from ssd_jax import torch_import
+from ssd_jax.models import layers
 from tests.recipe import recipe_state_dict
 from tests.reference_data import load_fixture
 from tests.tiny import tiny_config
@@ -34,9 +35,10 @@ def imported_model(recipe_checkpoint, ssd300_config):
   return torch_import.load_torch_checkpoint(recipe_checkpoint, ssd300_config)
 
 
-@nnx.jit
-def _forward_with_features(model, images):
-  return model(images), model.features(images)
+@nnx.jit(static_argnums=2)
+def _forward_with_features(model, images, cpu_kernels):
+  with layers.cpu_kernels(cpu_kernels):
+    return model(images), model.features(images)
 
 
 def test_vgg_indices_follow_reference_module_list():
@@ -44,12 +46,15 @@ def test_vgg_indices_follow_reference_module_list():
       0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28, 31, 33]
 
 
-def test_forward_with_imported_weights_equals_reference(imported_model):
+# Both paths: with the CPU kernels (Winograd etc.) and plain XLA (GPU/export).
+@pytest.mark.parametrize('cpu_kernels', [True, False])
+def test_forward_with_imported_weights_equals_reference(imported_model,
+                                                        cpu_kernels):
   ref = load_fixture('model_ref.npz')
   images = jnp.asarray(ref['input'].transpose(0, 2, 3, 1))  # NCHW -> NHWC
   with jax.default_matmul_precision('highest'):
-    (cls_logits, bbox_pred), features = _forward_with_features(imported_model,
-                                                               images)
+    (cls_logits, bbox_pred), features = _forward_with_features(
+        imported_model, images, cpu_kernels)
   np.testing.assert_allclose(np.asarray(cls_logits), ref['cls_logits'],
                              atol=1e-3, rtol=0)
   np.testing.assert_allclose(np.asarray(bbox_pred), ref['bbox_pred'],

@@ -187,6 +187,10 @@ def photometric_distort(rgb, params):
 def box_iou_with_rects(boxes, rects):
   """IoU of every box with every rectangle, without the VOC "+1".
 
+  Not box_ops.iou: this runs inside the tf.data graph, which box_ops
+  (numpy / jax.numpy) cannot join; the arithmetic is the reference crop's
+  (no eps, areas unclipped), equal to box_ops.iou(eps=0) for valid boxes.
+
   Args:
     boxes: [n, 4] corner form.
     rects: [..., 4] corner form.

@@ -30,6 +30,8 @@ import xml.etree.ElementTree as ET
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ssd_jax import box_ops
+
 CLASS_NAMES = ('__background__', 'circle', 'square', 'triangle', 'cross')
 _HUES = {'circle': 0.0, 'square': 0.6, 'triangle': 0.33, 'cross': 0.15}
 _FORMAT_VERSION = 1
@@ -87,16 +89,6 @@ def _draw(draw, name, box, fill, outline):
                  outline=outline, width=2)
 
 
-def _iou(a, b):
-  iw = min(a[2], b[2]) - max(a[0], b[0])
-  ih = min(a[3], b[3]) - max(a[1], b[1])
-  if iw <= 0 or ih <= 0:
-    return 0.0
-  inter = iw * ih
-  area = lambda r: (r[2] - r[0]) * (r[3] - r[1])
-  return inter / (area(a) + area(b) - inter)
-
-
 def make_image(seed, index, image_size):
   """Draws image number `index`.
 
@@ -126,7 +118,9 @@ def make_image(seed, index, image_size):
       x0 = rng.uniform(-slack * w, width - w * (1 - slack))
       y0 = rng.uniform(-slack * h, height - h * (1 - slack))
       box = (x0, y0, x0 + w, y0 + h)
-      if all(_iou(box, other) < 0.35 for other in placed):
+      overlaps = box_ops.iou(np.asarray(box),
+                             np.asarray(placed).reshape(-1, 4), eps=0.0)
+      if np.all(overlaps < 0.35):
         break
     else:
       continue

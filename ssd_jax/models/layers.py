@@ -1,7 +1,9 @@
 """The convolution layer of the SSD model, tuned for XLA:CPU.
 
 Two departures from nnx.Conv, both for speed on CPU, both equal to it up to
-float rounding:
+float rounding, both applied only while the CPU kernels are on (see
+`cpu_kernels` below; with them off every layer is plain XLA, for GPUs/TPUs
+and for export):
 
 * On CPU, 3x3 stride-1 convolutions that are wide enough (`use_winograd`)
   run as Winograd F(2x2, 3x3) (ssd_jax/models/winograd.py): for SSD300's
@@ -15,9 +17,6 @@ float rounding:
   memory speed (the SSD300 train step at batch 4: 3% faster).
 """
 
-import contextlib
-import contextvars
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,38 +24,52 @@ from flax import nnx
 from ssd_jax.models import winograd
 
 # None: follow jax.default_backend(); True / False: set by `cpu_kernels`.
-_CPU_KERNELS = contextvars.ContextVar('ssd_jax_cpu_kernels', default=None)
+# A JAX user context: part of jit's cache key, so a function traced with one
+# setting is traced again under the other.
+_CPU_KERNELS = jax.make_user_context(default_value=None)
 
 
-@contextlib.contextmanager
 def cpu_kernels(enabled: bool):
   """Turns the CPU-only kernels on or off for the models traced inside.
 
-  With `enabled=False` no convolution is rewritten as Winograd
-  (`use_winograd`): every convolution is XLA's own, the graph to compile for
-  GPUs/TPUs or to export (ssd_jax/export.py); the values agree up to float
-  rounding. The setting is read when a model is traced, so enter it inside
-  the function being traced or exported. Outside any `cpu_kernels` block the
-  kernels are on when JAX's default backend is CPU (`cpu_kernels_enabled`).
+  The CPU kernels are the custom-VJP rewrites that make XLA:CPU faster:
+  Winograd convolutions (`use_winograd`), the bias gradient of `add_bias`
+  and the max-pool gradient of `vgg.max_pool`. With `enabled=False` the
+  model is traced with plain XLA ops only (lax convolutions, `x + bias`,
+  `reduce_window`), the graph to compile for GPUs/TPUs or to export
+  (ssd_jax/export.py); the values agree up to float rounding.
+
+  A context manager, thread-local, read when a model is traced; it is part
+  of jax.jit's cache key, so a jitted function called under both settings is
+  traced and compiled once for each. E.g. the plain graph for export:
+
+    with layers.cpu_kernels(False):
+      exported = jax.export.export(jax.jit(forward))(...)
+
+  Outside any `cpu_kernels` block, the kernels are on when JAX's default
+  backend is CPU (`cpu_kernels_enabled`). train_lib's steps set it from the
+  platform of the devices they run on (`train_lib.make_train_step`).
   """
-  token = _CPU_KERNELS.set(bool(enabled))
-  try:
-    yield
-  finally:
-    _CPU_KERNELS.reset(token)
+  return _CPU_KERNELS(bool(enabled))
 
 
 def cpu_kernels_enabled() -> bool:
   """Whether models traced now use the CPU kernels (see `cpu_kernels`)."""
-  enabled = _CPU_KERNELS.get()
+  enabled = _CPU_KERNELS.value
   if enabled is None:
     return jax.default_backend() == 'cpu'
   return enabled
 
 
-@jax.custom_vjp
 def add_bias(x, bias):
-  """x [..., H, W, C] + bias [C]."""
+  """x [..., H, W, C] + bias [C]; with the CPU kernels, the fast gradient."""
+  if cpu_kernels_enabled():
+    return _add_bias_fast_gradient(x, bias)
+  return x + bias
+
+
+@jax.custom_vjp
+def _add_bias_fast_gradient(x, bias):
   return x + bias
 
 
@@ -68,7 +81,7 @@ def _add_bias_bwd(_, dy):
   return dy, bias_gradient(dy).astype(dy.dtype)
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+_add_bias_fast_gradient.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def bias_gradient(dy):
@@ -124,8 +137,7 @@ def conv(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1)),
 def use_winograd(kernel_shape, strides, padding, dilation, dtype):
   """Whether `conv` runs this convolution as Winograd F(2x2, 3x3).
 
-  With the CPU kernels on (`cpu_kernels_enabled`), in float32, for 3x3
-  stride-1 convolutions padded by 1 whose
+  With the CPU kernels on (`cpu_kernels_enabled`), in float32, for 3x3 stride-1 convolutions padded by 1 whose
   channel counts have a harmonic mean of 80 or more: the matrix products
   Winograd shrinks grow with in x out channels, its transforms with in + out,
   and on SSD300's shapes it won forward + backward from conv2_1 (64 -> 128)

@@ -35,7 +35,9 @@ def max_pool(x, window, stride, padding=0, ceil_mode=False):
   """PyTorch-style max pooling on NHWC input (pads with -inf).
 
   With `ceil_mode` the output size is ceil((n + 2p - window) / stride) + 1,
-  which the extra right/bottom padding provides.
+  which the extra right/bottom padding provides. Non-overlapping windows
+  take `_tiled_max_pool`'s gradient while the CPU kernels are on
+  (`layers.cpu_kernels`), XLA's own otherwise.
   """
   pads = []
   for n in x.shape[1:3]:
@@ -45,7 +47,7 @@ def max_pool(x, window, stride, padding=0, ceil_mode=False):
       extra = max((out - 1) * stride + window - (n + 2 * padding), 0)
     pads.append((padding, padding + extra))
   pads = ((0, 0), pads[0], pads[1], (0, 0))
-  if window == stride and padding == 0:
+  if window == stride and padding == 0 and layers.cpu_kernels_enabled():
     return _tiled_max_pool(x, window, pads)
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
                                (1, window, window, 1),
@@ -58,7 +60,8 @@ def _tiled_max_pool(x, window, pads):
 
   Same values as reduce_window; its gradient goes to the first maximum of
   each tile in row-major order (as PyTorch's), computed with a one-hot
-  instead of XLA's select-and-scatter, which is slow on CPU.
+  instead of XLA's select-and-scatter, which is slow on CPU (a CPU kernel:
+  see `layers.cpu_kernels`).
   """
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max,
                                (1, window, window, 1),
