@@ -140,12 +140,12 @@ def test_steps_choose_the_kernels_by_device_platform(monkeypatch):
   assert train_lib.compiler_options('gpu') is None
 
 
-def update_errors(fixture, iteration, ours, initial):
+def update_errors(fixture, iteration, ours, initial, relative_floor):
   """Per-tensor update error vs the reference's float32-vs-float64 distance.
 
   For key i: ||our update - reference update|| / ||float64 reference update
   - float32 reference update||, both over the fixture's sampled entries; the
-  distance is floored at 1e-6 of the update's norm (float32 resolution).
+  distance is floored at `relative_floor` x the update's norm.
   """
   ratios = {}
   for i, key in enumerate(fixture['keys']):
@@ -154,9 +154,18 @@ def update_errors(fixture, iteration, ours, initial):
                    initial[key].ravel()[index])
     reference = fixture[f'upd{iteration}_{i}']
     distance = np.linalg.norm(fixture[f'upd{iteration}_64_{i}'] - reference)
-    distance = max(distance, 1e-6 * np.linalg.norm(reference))
+    distance = max(distance, relative_floor * np.linalg.norm(reference))
     ratios[str(key)] = np.linalg.norm(ours_update - reference) / distance
   return ratios
+
+
+def largest_relative_distance(fixture, iteration):
+  """max over tensors of ||float64 - float32 update|| / ||update||."""
+  return max(
+      np.linalg.norm(fixture[f'upd{iteration}_64_{i}'] -
+                     fixture[f'upd{iteration}_{i}']) /
+      np.linalg.norm(fixture[f'upd{iteration}_{i}'])
+      for i in range(len(fixture['keys'])))
 
 
 @pytest.fixture(scope='module')
@@ -226,9 +235,16 @@ def test_train_step_equals_reference_trainer(ssd300_config, train_step_fixture,
   loss_gap = np.abs(ref['losses'] - ref['losses64'])
   np.testing.assert_array_less(np.abs(losses - ref['losses']),
                                5 * loss_gap + 1e-5 * np.abs(ref['losses']))
-  for iteration in (1, 3):
-    ratios = update_errors(ref, iteration, updated[iteration], initial)
+  # Iteration 1 starts from the same weights: every tensor's update within
+  # a few times its own float32-vs-float64 distance. Later, near-tied
+  # negatives of the hard-negative mining flip differently in every float32
+  # run and the differences grow: the reference's own two runs differ by up
+  # to 4e-2 (relative) on one tensor, others on another, so iteration 3
+  # allows any tensor that much (a wrong momentum or schedule is far more).
+  for iteration, floor in ((1, 1e-6),
+                           (3, largest_relative_distance(ref, 3))):
+    ratios = update_errors(ref, iteration, updated[iteration], initial, floor)
     worst = max(ratios, key=ratios.get)
     print(f'iteration {iteration}, cpu_kernels={cpu_kernels}: largest update '
           f'error / f32-vs-f64 distance {ratios[worst]:.2f} ({worst})')
-    assert ratios[worst] < 10, (iteration, worst, ratios[worst])
+    assert ratios[worst] < 5, (iteration, worst, ratios[worst])
