@@ -125,14 +125,19 @@ def load_detector_state_dict(model, state_dict, source='state dict'):
 
 
 def reference_state_dict(model):
-  """{reference key: float32 numpy array in its layout (OIHW)} of `model`.
+  """{reference key: float32 numpy array in its layout} of `model`.
 
-  The inverse of `load_detector_state_dict`, for comparing with reference
-  weights.
+  The inverse of `load_detector_state_dict` (conv kernels OIHW, Linear
+  weights [out, in]), for comparing with reference weights.
   """
-  return {key: (np.asarray(param[...]).transpose(3, 2, 0, 1)
-                if kind == 'conv' else np.asarray(param[...]))
-          for key, (param, kind) in _detector_entries(model).items()}
+  inverse = {'conv': (3, 2, 0, 1), 'depthwise': (3, 2, 0, 1),
+             'linear': (1, 0), 'vector': None}
+  out = {}
+  for key, (variable, kind) in model.torch_entries().items():
+    value = np.asarray(variable[...], np.float32)
+    out[key] = value if inverse[kind] is None else value.transpose(
+        inverse[kind])
+  return out
 
 
 def load_vgg_state_dict(model, state_dict, source='state dict'):

@@ -65,6 +65,17 @@ def test_forward_with_imported_weights_equals_reference(imported_model,
                                rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+def test_reference_state_dict_inverts_the_import(ssd300_config):
+  state_dict = recipe_state_dict()
+  model = nnx.eval_shape(lambda: models.create_model(ssd300_config))
+  torch_import.load_detector_state_dict(model, state_dict)
+  exported = torch_import.reference_state_dict(model)
+  assert list(exported) == list(model.torch_entries())
+  assert set(exported) == set(state_dict)
+  for key, value in state_dict.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
 def test_bare_and_ddp_state_dicts_are_accepted(ssd300_config):
   state_dict = recipe_state_dict()
   model = nnx.eval_shape(lambda: models.create_model(ssd300_config))

@@ -137,11 +137,12 @@ def conv(x, kernel, strides=(1, 1), padding=((1, 1), (1, 1)),
 def use_winograd(kernel_shape, strides, padding, dilation, dtype):
   """Whether `conv` runs this convolution as Winograd F(2x2, 3x3).
 
-  With the CPU kernels on (`cpu_kernels_enabled`), in float32, for 3x3 stride-1 convolutions padded by 1 whose
-  channel counts have a harmonic mean of 80 or more: the matrix products
-  Winograd shrinks grow with in x out channels, its transforms with in + out,
-  and on SSD300's shapes it won forward + backward from conv2_1 (64 -> 128)
-  on and lost on conv1_2 (64 -> 64).
+  With the CPU kernels on (`cpu_kernels_enabled`), in float32, for 3x3
+  stride-1 convolutions padded by 1 whose channel counts have a harmonic
+  mean of 80 or more: the matrix products Winograd shrinks grow with in x
+  out channels, its transforms with in + out, and on SSD300's shapes it won
+  forward + backward from conv2_1 (64 -> 128) on and lost on conv1_2
+  (64 -> 64).
   """
   if not isinstance(padding, str):
     padding = tuple(_pair(p) for p in padding)
