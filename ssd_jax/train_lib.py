@@ -36,14 +36,15 @@ _CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 @functools.cache
-def compiler_options(platform='cpu'):
+def compiler_options(platform=None):
   """XLA options for the compiled steps on `platform` (None = defaults).
 
-  On 'cpu': YNNPACK off, if this jaxlib knows the option (checked once by
-  compiling a trivial function; an unknown option is left out). Other
-  platforms ('gpu', 'tpu', ...) compile with XLA's defaults.
+  `platform` defaults to JAX's default backend. On 'cpu': YNNPACK off, if
+  this jaxlib knows the option (checked once by compiling a trivial
+  function; an unknown option is left out). Other platforms ('gpu', 'tpu',
+  ...) compile with XLA's defaults.
   """
-  if platform != 'cpu':
+  if (platform or jax.default_backend()) != 'cpu':
     return None
   try:
     jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(
