@@ -10,7 +10,7 @@ fixtures, 240-500 px, cycled):
   batch k while the device computes batch k + 1;
 * per-image loop (baseline): what one writes without the Detector: for each
   file, PIL decode, the same resize, the compiled eval predict step on a
-  batch of 1 (mean subtracted on the host), `postprocess.detect`;
+  batch of 1 (uint8 pixels; it subtracts the mean), `postprocess.detect`;
 * forward only: the bare compiled forward at batch B on ready inputs (the
   ceiling).
 Compilation is excluded from every figure (one warm-up call each).
@@ -68,14 +68,12 @@ def main():
   model_def, params, model_state = train_lib.split_model(model)
   train_state = train_lib.TrainState(step=0, params=params,
                                      model_state=model_state, opt_state=None)
-  predict_step = train_lib.make_predict_step(model_def)
+  predict_step = train_lib.make_predict_step(config, model_def)
   priors = priors_lib.generate_priors(config)
-  mean = np.asarray(config.input.pixel_mean, np.float32)
 
   def one_image(path):
     image = inference.load_image(path)
-    pixels = inference.resize_for_model(image, size)[None].astype(
-        np.float32) - mean
+    pixels = inference.resize_for_model(image, size)[None]  # uint8
     cls_logits, bbox_pred = predict_step(train_state, pixels)
     return postprocess.detect(cls_logits, bbox_pred, priors,
                               [image.shape[:2]], config)[0]

@@ -40,6 +40,9 @@ def parse_args():
   parser.add_argument('--batches', type=int, default=30)
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--baseline-images', type=int, default=300)
+  parser.add_argument('--train-image-dtype', default=None,
+                      choices=('float32', 'uint8'),
+                      help="input.train_image_dtype (default: the config's)")
   return parser.parse_args()
 
 
@@ -184,6 +187,8 @@ def main():
   config.data.class_names = shapes.CLASS_NAMES
   config.data.train = ('voc_2007_trainval',)
   config.solver.batch_size = args.batch_size
+  if args.train_image_dtype:
+    config.input.train_image_dtype = args.train_image_dtype
   cores = len(os.sched_getaffinity(0))
 
   it = pipeline.create_train_iterator(config)
@@ -216,7 +221,9 @@ def main():
         f'{os.getloadavg()[0]:.2f}')
   print(f'data: {args.num_images} JPEGs ~500x375, mean '
         f'{np.mean(sizes) / 1024:.0f} KB')
-  print(f'train (batch {args.batch_size}): {train_wall:.1f} images/s, '
+  image_dtype = config.input.get('train_image_dtype', 'float32')
+  print(f'train (batch {args.batch_size}, {image_dtype} images): '
+        f'{train_wall:.1f} images/s, '
         f'{train_cpu:.1f} images/s per core (warm-up incl. XLA compiles '
         f'{warm:.0f} s)')
   print(f'eval  (batch {args.batch_size}): {eval_wall:.1f} images/s, '

@@ -43,11 +43,11 @@ def main(argv):
       train_lib.TrainState(step=np.int32(0), params=params,
                            model_state=model_state, opt_state=None),
       train_lib.replicated_sharding(mesh))
-  predict = train_lib.make_predict_step(model_def)
+  predict = train_lib.make_predict_step(config, model_def)
   size = config.input.image_size
   images = train_lib.global_batch(
-      np.random.RandomState(0).normal(
-          0, 60, (FLAGS.batch_size, size, size, 3)).astype(np.float32), mesh)
+      np.random.RandomState(0).randint(
+          0, 256, (FLAGS.batch_size, size, size, 3)).astype(np.uint8), mesh)
   start = time.perf_counter()
   jax.block_until_ready(predict(state, images))
   compile_seconds = time.perf_counter() - start

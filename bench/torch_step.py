@@ -133,7 +133,9 @@ def encoded_targets(batch_size, seed=0):
   loc, cls = targets.encode_targets(batch['boxes'], batch['labels'],
                                     batch['mask'],
                                     priors_lib.generate_priors(config))
-  image = batch['image'].transpose(0, 3, 1, 2).copy()  # NHWC -> NCHW
+  image = (batch['image'].astype(np.float32) -  # what the JAX step does
+           np.asarray(config.input.pixel_mean, np.float32))
+  image = image.transpose(0, 3, 1, 2).copy()  # NHWC -> NCHW
   return image, np.array(loc), np.array(cls).astype(np.int64)
 
 

@@ -42,11 +42,12 @@ def evaluate(predict_fn, batches, priors, config, class_names, *,
   """Detections and their VOC AP (or COCO AP) over an eval dataset.
 
   Args:
-    predict_fn: images float32 [b, S, S, 3] -> (cls_logits [b, P, C],
+    predict_fn: images [b, S, S, 3] -> (cls_logits [b, P, C],
       bbox_pred [b, P, 4]); typically jit-compiled, so it returns before the
-      device has finished.
-    batches: iterable of dicts of numpy arrays: 'image' float32 [b, S, S, 3]
-      (mean-subtracted), 'image_id' [b] str or bytes, 'orig_size' int [b, 2]
+      device has finished (train_lib.make_predict_step: uint8 pixels in).
+    batches: iterable of dicts of numpy arrays: 'image' [b, S, S, 3] as
+      predict_fn takes them (the eval pipeline's: uint8 RGB pixel values,
+      not mean-subtracted), 'image_id' [b] str or bytes, 'orig_size' int [b, 2]
       (height, width), 'boxes' float32 [b, M, 4] ground truth (xmin, ymin,
       xmax, ymax) in original pixels, 0-based, 'labels' int [b, M],
       'difficult' bool [b, M], 'mask' bool [b, M] (False = padding box),
@@ -173,7 +174,7 @@ class Evaluator:
     self.writer = writer
     self.logger = logger
     self.num_images_drawn = num_images_drawn
-    self.predict_step = train_lib.make_predict_step(model_def)
+    self.predict_step = train_lib.make_predict_step(config, model_def)
 
   def _predict_fn(self, state):
     if jax.process_count() == 1:
@@ -237,11 +238,10 @@ class Evaluator:
   def _drawings(self, batch, detections, class_names):
     """Detections drawn on the network inputs: [N, S, S, 3] uint8."""
     size = self.config.input.image_size
-    mean = np.asarray(self.config.input.pixel_mean, np.float32)
     drawn = []
     for image, orig_size, det in zip(batch['image'], batch['orig_size'],
                                      detections):
-      pixels = np.clip(np.round(image + mean), 0, 255).astype(np.uint8)
+      pixels = np.asarray(image, np.uint8)
       height, width = (float(v) for v in orig_size)
       scale = np.array([size / width, size / height] * 2, np.float32)
       drawn.append(visualize.draw_detections(

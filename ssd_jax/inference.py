@@ -101,7 +101,7 @@ def resize_for_model(image, size):
 
   Bilinear with half-pixel centres, edges clamped, no antialiasing, rounded
   half up to uint8: the eval input pipeline's resize
-  (`data.augment.eval_transform`, before its mean subtraction) to the bit,
+  (`data.augment.eval_transform`) to the bit,
   and OpenCV's cv2.resize (the reference's) up to the rounding of a few
   values. Only the 2 x size rows and columns it samples are read, so the
   cost does not grow with the image.

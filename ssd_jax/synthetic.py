@@ -4,9 +4,10 @@ import numpy as np
 
 
 def synthetic_batch(config, batch_size, seed=0, max_objects=6):
-  """Random mean-subtracted images with 1..max_objects random boxes each.
+  """Random images with 1..max_objects random boxes each.
 
-  Returns the train batch layout: 'image' float32 [B,S,S,3], 'boxes' float32
+  Returns the train batch layout: 'image' uint8 [B,S,S,3] RGB pixel values
+  (uniform 0..255, not mean-subtracted), 'boxes' float32
   [B,M,4] corner form in [0,1], 'labels' int32 [B,M], 'mask' bool [B,M], with
   S = input.image_size and M = data.max_boxes.
   """
@@ -22,5 +23,5 @@ def synthetic_batch(config, batch_size, seed=0, max_objects=6):
     boxes[i, :n] = np.concatenate([xy, xy + wh], axis=1)
     labels[i, :n] = rng.randint(1, config.model.num_classes, n)
     mask[i, :n] = True
-  image = rng.normal(0, 60, (batch_size, size, size, 3)).astype(np.float32)
+  image = rng.randint(0, 256, (batch_size, size, size, 3)).astype(np.uint8)
   return {'image': image, 'boxes': boxes, 'labels': labels, 'mask': mask}

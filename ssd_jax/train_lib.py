@@ -133,13 +133,24 @@ def global_batch(batch, mesh):
       batch)
 
 
+def normalize_images(images, pixel_mean):
+  """Pixel values [B,S,S,3] RGB (uint8, or float) -> float32 minus the mean.
+
+  The model's input: what the reference's SubtractMeans + ToTensor give.
+  Done on the device, so that images cross to it as uint8.
+  """
+  return images.astype(jnp.float32) - jnp.asarray(pixel_mean, jnp.float32)
+
+
 def loss_and_targets(model, batch, priors, config):
   """Forward, on-device matching and MultiBox loss for one train batch.
 
   Args:
     model: an NNX SSD.
-    batch: dict with 'image' [B,S,S,3] float, 'boxes' [B,M,4] corner form in
-      [0,1], 'labels' [B,M] int, 'mask' [B,M] bool.
+    batch: dict with 'image' [B,S,S,3] RGB pixel values (uint8, or float),
+      not mean-subtracted (config.input.pixel_mean is subtracted here),
+      'boxes' [B,M,4] corner form in [0,1], 'labels' [B,M] int, 'mask'
+      [B,M] bool.
     priors: [P,4] center-form priors.
     config: the experiment config.
 
@@ -147,7 +158,8 @@ def loss_and_targets(model, batch, priors, config):
     (total_loss, {'reg_loss', 'cls_loss', 'total_loss', 'num_positives'}).
   """
   m = config.model
-  cls_logits, bbox_pred = model(batch['image'])
+  images = normalize_images(batch['image'], config.input.pixel_mean)
+  cls_logits, bbox_pred = model(images)
   loc_targets, cls_targets = targets.encode_targets(
       batch['boxes'], batch['labels'], batch['mask'], priors,
       iou_threshold=m.threshold, center_variance=m.center_variance,
@@ -220,8 +232,13 @@ def predict(model_def, state, images):
   return cls_logits.astype(jnp.float32), bbox_pred.astype(jnp.float32)
 
 
-def make_predict_step(model_def, *, platform=None, cpu_kernels=None):
+def make_predict_step(config, model_def, *, platform=None, cpu_kernels=None):
   """The jit-compiled `predict_step(state, images) -> (cls_logits, bbox_pred)`.
+
+  Input contract: `images` [B,S,S,3] RGB pixel values, uint8 (what the eval
+  pipeline yields; float32 pixel values work too), NOT mean-subtracted:
+  the step subtracts config.input.pixel_mean on the device
+  (`normalize_images`). S = config.input.image_size.
 
   Eval mode (BatchNorm uses running statistics); outputs are float32,
   [B,P,C] raw logits and [B,P,4] encoded boxes. `images` is sharded along
@@ -232,10 +249,11 @@ def make_predict_step(model_def, *, platform=None, cpu_kernels=None):
   """
   platform = platform or jax.default_backend()
   use_cpu_kernels = _resolve_cpu_kernels(cpu_kernels, platform)
+  pixel_mean = tuple(float(v) for v in config.input.pixel_mean)
 
   def predict_step(state, images):
     with layers.cpu_kernels(use_cpu_kernels):
-      return predict(model_def, state, images)
+      return predict(model_def, state, normalize_images(images, pixel_mean))
 
   return jax.jit(predict_step, compiler_options=compiler_options(platform))
 

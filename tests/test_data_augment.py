@@ -78,7 +78,8 @@ def _reference_chain(image, boxes, labels, geo, params):
     boxes = boxes.copy()
     boxes[:, 0::2] = crop_w - boxes[:, 2::-2]
   boxes = boxes / np.array([crop_w, crop_h, crop_w, crop_h], np.float32)
-  out = cv2.resize(np.ascontiguousarray(crop), (S, S)) - MEAN
+  # Before the reference's SubtractMeans, which the train step does.
+  out = cv2.resize(np.ascontiguousarray(crop), (S, S))
   return out, boxes, labels
 
 
@@ -251,7 +252,7 @@ def test_expanded_and_cropped_boxes_stay_on_their_pixels():
     out, geo, _ = _run(data, False, [height, width], boxes,
                        np.array([1, 2, 3], np.int32), [5, s])
     # Gray stays gray under the photometric ops; the canvas is the mean.
-    x = out['image'] + MEAN
+    x = out['image']
     gray = np.ptp(x, axis=-1) < 1e-3
     for box in out['boxes'][out['mask']] * S:
       x1, y1, x2, y2 = box

@@ -6,7 +6,6 @@ import json
 import os
 import xml.etree.ElementTree as ET
 
-import jax
 from flax import nnx
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from ssd_jax import evaluate
 from ssd_jax import models
 from ssd_jax import postprocess
 from ssd_jax import torch_import
+from ssd_jax import train_lib
 from ssd_jax import voc_eval
 from tests import detection_checks
 from tests import recipe
@@ -44,7 +44,7 @@ def _batches(images, image_ids, orig_sizes, annotations, batch_size,
   """The data pipeline's eval batches: padded boxes, padding images last."""
   for first in range(0, len(images), batch_size):
     batch = {
-        'image': np.zeros((batch_size,) + images.shape[1:], np.float32),
+        'image': np.zeros((batch_size,) + images.shape[1:], images.dtype),
         'image_id': np.array([''] * batch_size, object),
         'orig_size': np.ones((batch_size, 2), np.int32),
         'boxes': np.zeros((batch_size, max_boxes, 4), np.float32),
@@ -74,15 +74,15 @@ def voc_tiny():
   # Abstract parameters (no random init, which is slow), then the recipe's.
   model = nnx.eval_shape(lambda: models.create_model(config))
   torch_import.load_detector_state_dict(model, recipe.recipe_state_dict())
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def predict(state, images):
-    return nnx.merge(graphdef, state)(images)
+  model_def, params, model_state = train_lib.split_model(model)
+  state = train_lib.TrainState(step=0, params=params, model_state=model_state,
+                               opt_state=None)
+  # The predict step as the evaluator uses it: uint8 pixels in.
+  predict = train_lib.make_predict_step(config, model_def)
 
   ref = np.load(os.path.join(FIXTURES, 'voc_tiny_dets.npz'))
-  images = (ref['test_inputs_uint8'].astype(np.float32)
-            - np.array(config.input.pixel_mean, np.float32))
+  images = ref['test_inputs_uint8']
+  assert images.dtype == np.uint8
   ids = [str(i) for i in ref['image_ids']]
   annotations = [_annotation(i) for i in ids]
   priors = np.load(os.path.join(FIXTURES, 'priors_ssd300.npy'))

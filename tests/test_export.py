@@ -50,9 +50,9 @@ def expected(tiny_model):
   model_def, params, model_state = train_lib.split_model(model)
   state = train_lib.TrainState(step=0, params=params, model_state=model_state,
                                opt_state=None)
-  mean = np.asarray(config.input.pixel_mean, np.float32)
-  cls_logits, bbox_pred = train_lib.make_predict_step(model_def)(
-      state, images - mean)
+  # The predict step takes pixel values and subtracts the mean itself.
+  cls_logits, bbox_pred = train_lib.make_predict_step(config, model_def)(
+      state, images)
   priors = priors_lib.generate_priors(config)
   boxes = box_ops.center_to_corner(box_ops.decode(
       np.asarray(bbox_pred), priors, config.model.center_variance,

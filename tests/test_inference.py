@@ -64,8 +64,7 @@ def test_resize_equals_eval_pipeline():
   for size, some in ((300, images), (64, images[:3] + images[-3:])):
     for image in some:
       theirs = augment.eval_transform(
-          tf.io.encode_png(image), tf.constant(False), image_size=size,
-          pixel_mean=(0.0, 0.0, 0.0)).numpy()
+          tf.io.encode_png(image), tf.constant(False), image_size=size).numpy()
       ours = inference.resize_for_model(image, size)
       assert ours.dtype == np.uint8 and ours.shape == (size, size, 3)
       np.testing.assert_array_equal(ours, theirs, err_msg=str(image.shape))
@@ -104,7 +103,7 @@ def test_detections_equal_evaluation(tiny_voc, tiny_detector):
   model_def, params, model_state = train_lib.split_model(model)
   state = train_lib.TrainState(step=0, params=params, model_state=model_state,
                                opt_state=None)
-  predict_step = train_lib.make_predict_step(model_def)
+  predict_step = train_lib.make_predict_step(config, model_def)
   result = evaluate.evaluate(
       lambda images: predict_step(state, images),
       pipeline.create_eval_iterator(config, 'voc_2007_test', batch_size=4,

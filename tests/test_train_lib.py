@@ -108,12 +108,19 @@ def test_batch_without_boxes_gives_zero_loss_and_no_nan(tiny):
 
 def test_predict_step_outputs(tiny):
   config, mesh, model_def, _, state, _ = tiny
-  predict = train_lib.make_predict_step(model_def)
-  images = train_lib.global_batch(synthetic_batch(config, 4)['image'], mesh)
-  cls_logits, bbox_pred = predict(state, images)
+  predict = train_lib.make_predict_step(config, model_def)
+  pixels = synthetic_batch(config, 4)['image']
+  assert pixels.dtype == np.uint8
+  cls_logits, bbox_pred = predict(state, train_lib.global_batch(pixels, mesh))
   p = priors_lib.num_priors(config)
   assert cls_logits.shape == (4, p, 4) and bbox_pred.shape == (4, p, 4)
   assert cls_logits.dtype == jnp.float32
+  # The input contract: uint8 pixel values; the step subtracts the mean.
+  model = nnx.merge(model_def.eval, state.params, state.model_state)
+  normalized = pixels.astype(np.float32) - np.float32(config.input.pixel_mean)
+  expected = nnx.jit(lambda m, x: m(x))(model, normalized)
+  np.testing.assert_allclose(np.asarray(cls_logits), np.asarray(expected[0]),
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_batch_norm_statistics_update_in_training_only():
@@ -121,7 +128,7 @@ def test_batch_norm_statistics_update_in_training_only():
   config.model.backbone.batch_norm = True
   mesh, model_def, _, state, train_step = _setup(config)
   batch = train_lib.global_batch(synthetic_batch(config, 4), mesh)
-  predict = train_lib.make_predict_step(model_def)
+  predict = train_lib.make_predict_step(config, model_def)
   before = jax.tree.map(np.asarray, state.model_state)
   out_a = np.asarray(predict(state, batch['image'])[0])
   out_b = np.asarray(predict(state, batch['image'])[0])
@@ -212,7 +219,7 @@ def test_cpu_steps_compile_without_ynnpack(tiny):
       'xla_cpu_experimental_ynn_fusion_type': ''}
   batch = train_lib.global_batch(synthetic_batch(config, 2), mesh)
   train_hlo = train_step.lower(state, batch).compile().as_text()
-  predict_step = train_lib.make_predict_step(model_def)
+  predict_step = train_lib.make_predict_step(config, model_def)
   predict_hlo = predict_step.lower(state, batch['image']).compile().as_text()
   default_hlo = jax.jit(train_step.__wrapped__).lower(state, batch).compile(
       ).as_text()

@@ -24,7 +24,8 @@ S x S output, mirrored if drawn, with the expand canvas (the mean colour, zero
 after mean subtraction) supplied by zero weights instead of a materialised
 canvas. Per-pixel operations commute with cropping and the canvas is never
 distorted in the reference either, so the output equals the reference chain's
-up to float rounding (tests/test_data_augment.py checks this against OpenCV).
+before its SubtractMeans (done by the train step, on the device) up to float
+rounding (tests/test_data_augment.py checks this against OpenCV).
 
 Conventions: images are RGB; `geometry` works in pixel coordinates of the
 decoded image ((xmin, ymin, xmax, ymax), as the VOC parser gives them) and
@@ -449,8 +450,8 @@ def _taps(out_size, crop_size, window_start, window_size, flip):
 
 
 @functools.cache
-def _render_fn(image_size):
-  """The XLA-compiled pixel path for one output size (see `render`)."""
+def _render_fn(image_size, dtype):
+  """The XLA-compiled pixel path for one output size and dtype (`render`)."""
 
   @tf.function(jit_compile=True, input_signature=[
       tf.TensorSpec([None, 3], tf.uint8),  # window pixels, row-major, padded
@@ -464,7 +465,7 @@ def _render_fn(image_size):
   def render_xla(pixels, window_hw, crop_hw, offset, mirror, u, mean):
     x = photometric_distort(tf.cast(pixels, tf.float32),
                             photometric_params(u))
-    x -= mean  # the canvas is the mean: 0 after subtraction
+    x -= mean  # the canvas is the mean: 0 after subtraction, no pixels
     y0, y1, wy0, wy1 = _taps(image_size, crop_hw[0], offset[0], window_hw[0],
                              tf.constant(False))
     x0, x1, wx0, wx1 = _taps(image_size, crop_hw[1], offset[1], window_hw[1],
@@ -474,19 +475,26 @@ def _render_fn(image_size):
       for cols, weight_cols in ((x0, wx0), (x1, wx1)):
         values = tf.gather(x, rows[:, None] * window_hw[1] + cols[None, :])
         out += values * (weight_rows[:, None] * weight_cols)[..., None]
+    out += mean
+    if dtype == tf.uint8:  # round half to even and saturate, as cv2 would
+      return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
     return out
 
   return render_xla
 
 
 def render(window_pixels, crop_hw, window_offset, mirror, u, *, image_size,
-           pixel_mean):
-  """Photometric distortion, mean subtraction, crop, mirror and resize.
+           pixel_mean, dtype=tf.float32):
+  """Photometric distortion, crop, mirror and resize: the pixel values.
 
   Equals: distort the window's pixels (decisions from `u`), place them at
   `window_offset` in a crop of size `crop_hw` filled with the mean, mirror
   it if `mirror`, resize to image_size x image_size with cv2-style bilinear
-  (half-pixel centres, edge clamp, no antialiasing), subtract the mean.
+  (half-pixel centres, edge clamp, no antialiasing). The mean is not
+  subtracted (the train step does that on the device). In float32 the values
+  are the reference's, beyond 0..255 where the distortion takes them; uint8
+  rounds them (half to even) and saturates them to 0..255, which changes
+  them (README "Input pipeline": input.train_image_dtype).
 
   Args:
     window_pixels: uint8 [h, w, 3] RGB.
@@ -496,9 +504,10 @@ def render(window_pixels, crop_hw, window_offset, mirror, u, *, image_size,
     u: float32 [>= NUM_SCALARS], the example's uniforms.
     image_size: output side S.
     pixel_mean: 3 floats, RGB.
+    dtype: tf.float32 or tf.uint8, the output's.
 
   Returns:
-    float32 [S, S, 3], mean-subtracted.
+    [S, S, 3] RGB pixel values in `dtype`.
   """
   window_hw = tf.shape(window_pixels)[:2]
   pixels = tf.reshape(window_pixels, [-1, 3])
@@ -508,21 +517,23 @@ def render(window_pixels, crop_hw, window_offset, mirror, u, *, image_size,
   bucket = tf.gather(buckets, tf.minimum(
       tf.searchsorted(buckets, n[None])[0], len(_PIXEL_BUCKETS) - 1))
   pixels = tf.pad(pixels, [[0, tf.maximum(bucket - n, 0)], [0, 0]])
-  return _render_fn(image_size)(
+  if dtype not in (tf.float32, tf.uint8):
+    raise ValueError(f'render: dtype must be float32 or uint8, got {dtype}')
+  return _render_fn(image_size, tf.as_dtype(dtype))(
       pixels, window_hw, crop_hw, window_offset, mirror, u[:NUM_SCALARS],
       tf.constant(pixel_mean, tf.float32))
 
 
 def render_example(image_bytes, is_jpeg, image_hw, geo, u, *, image_size,
-                   pixel_mean):
+                   pixel_mean, dtype=tf.float32):
   """The output image of one example: decode its window, then `render`."""
   pixels = decode_window(image_bytes, is_jpeg, image_hw, geo['window'])
   return render(pixels, geo['crop_hw'], geo['window_offset'], geo['mirror'],
-                u, image_size=image_size, pixel_mean=pixel_mean)
+                u, image_size=image_size, pixel_mean=pixel_mean, dtype=dtype)
 
 
 def train_transform(image_bytes, is_jpeg, size, boxes, labels, mask, seed, *,
-                    image_size, pixel_mean):
+                    image_size, pixel_mean, dtype=tf.float32):
   """One training example, augmented as the reference does.
 
   (The input pipeline runs the same steps with `geometry_batch` for a whole
@@ -538,29 +549,34 @@ def train_transform(image_bytes, is_jpeg, size, boxes, labels, mask, seed, *,
     seed: int [2] stateless seed of this example.
     image_size: output side S.
     pixel_mean: 3 floats, RGB.
+    dtype: of the image, see `render`.
 
   Returns:
-    dict: `image` float32 [S, S, 3] (RGB, mean subtracted), `boxes` float32
+    dict: `image` [S, S, 3] RGB pixel values in `dtype` (see `render`; not
+    mean-subtracted), `boxes` float32
     [M, 4] in [0, 1] corner form, `labels` int32 [M] (0 = padding), `mask`
     bool [M]; valid boxes first.
   """
   u = draw_uniforms(seed)
   geo = geometry(u, boxes, mask, size[0], size[1])
   image = render_example(image_bytes, is_jpeg, size, geo, u,
-                         image_size=image_size, pixel_mean=pixel_mean)
+                         image_size=image_size, pixel_mean=pixel_mean,
+                         dtype=dtype)
   labels = tf.where(geo['mask'], tf.gather(labels, geo['order']), 0)
   return {'image': image, 'boxes': geo['boxes'], 'labels': labels,
           'mask': geo['mask']}
 
 
-def eval_transform(image_bytes, is_jpeg, *, image_size, pixel_mean):
-  """The reference's test transform: float32 [S, S, 3], mean subtracted.
+def eval_transform(image_bytes, is_jpeg, *, image_size):
+  """The reference's test transform up to its mean subtraction: uint8 [S, S, 3].
 
   cv2.resize of the uint8 image to S x S (bilinear, half-pixel centres),
-  rounded back to uint8 as OpenCV does for uint8 images, minus the mean.
+  rounded back to uint8 as OpenCV does for uint8 images. The reference then
+  converts to float and subtracts the mean, which the predict step does on
+  the device (exact: uint8 holds the resized image completely).
   """
   image = decode_image(image_bytes, is_jpeg)
   image = tf.image.resize(image, [image_size, image_size], method='bilinear',
                           antialias=False)
   image = tf.clip_by_value(tf.floor(image + 0.5), 0.0, 255.0)
-  return image - tf.constant(pixel_mean, tf.float32)
+  return tf.cast(image, tf.uint8)

@@ -21,6 +21,18 @@ to decode inside tf.data is replaced, in its own batch, by an empty example
 (a mean-grey image with no boxes, which adds nothing to the loss; in eval,
 valid=False), so every batch keeps its step's examples. Everything is
 counted in `iterator.stats`.
+
+Images leave the pipeline as RGB pixel values, not mean-subtracted; the
+train and predict steps subtract input.pixel_mean on the device
+(train_lib.normalize_images). Eval images are uint8, exactly the reference's
+(its resize yields uint8): a quarter of float32's bytes. Train images are
+the augmentation's float32 values, which the photometric distortion takes
+beyond 0..255; input.train_image_dtype='uint8' sends them rounded and
+saturated instead, 4x fewer bytes but other values (README "Input
+pipeline").
+
+Every parallel stage takes its width from the host: tf.data.AUTOTUNE (the
+cores this process may use), unless data.num_parallel_calls fixes it.
 """
 
 import collections
@@ -111,6 +123,24 @@ def _num_parallel_calls(config):
   return tf.data.AUTOTUNE if n is None or n < 0 else n
 
 
+def train_image_dtype(config):
+  """tf dtype of the train images: input.train_image_dtype (float32)."""
+  name = config.input.get('train_image_dtype', 'float32')
+  if name not in ('uint8', 'float32'):
+    raise ValueError("config.input.train_image_dtype must be 'uint8' or "
+                     f"'float32', got {name!r}")
+  return tf.as_dtype(name)
+
+
+def mean_grey_image(image_size, pixel_mean, dtype):
+  """The `image_size` x `image_size` image of the mean colour (0 after mean
+  subtraction), in `dtype` (uint8 rounds the mean)."""
+  mean = tf.constant(pixel_mean, tf.float32)
+  if dtype == tf.uint8:
+    mean = tf.cast(tf.clip_by_value(tf.round(mean), 0.0, 255.0), tf.uint8)
+  return tf.tile(mean[None, None], [image_size, image_size, 1])
+
+
 def _with_fallback(ds, fn, fallback, num_parallel_calls):
   """ds.map(fn), with `fallback` for the elements on which fn raises.
 
@@ -194,8 +224,9 @@ def step_examples(seed, step, *, global_batch, host_offset, batch, n):
 class TrainIterator:
   """Endless iterator of this host's training batches (numpy dicts).
 
-  The k-th batch is global step start_step + k. Keys: `image` float32
-  [b, S, S, 3] (RGB, mean-subtracted), `boxes` float32 [b, M, 4] corner form
+  The k-th batch is global step start_step + k. Keys: `image` float32 (or
+  input.train_image_dtype) [b, S, S, 3] RGB pixel values, not
+  mean-subtracted, `boxes` float32 [b, M, 4] corner form
   in [0, 1], `labels` int32 [b, M] (0 = padding), `mask` bool [b, M], with
   b = solver.batch_size // process_count, S = input.image_size,
   M = data.max_boxes. `stats` counts skipped examples and fixes.
@@ -228,6 +259,7 @@ class TrainIterator:
     b, m = self._batch, config.data.max_boxes
     image_size = config.input.image_size
     pixel_mean = tuple(float(v) for v in config.input.pixel_mean)
+    image_dtype = train_image_dtype(config)
     read = sources.image_reader(self._index)
     seed = tf.constant(self._seed, tf.int64)
 
@@ -265,13 +297,13 @@ class TrainIterator:
     def render(x):
       image = augment.render_example(
           read(x['example']), x['is_jpeg'], x['size'], x, x['u'],
-          image_size=image_size, pixel_mean=pixel_mean)
+          image_size=image_size, pixel_mean=pixel_mean, dtype=image_dtype)
       return {'image': image, 'boxes': x['boxes'], 'labels': x['labels'],
               'mask': x['mask'], 'example': x['example'],
               'step_examples': x['step_examples']}
 
     def empty(step_examples):
-      return {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+      return {'image': mean_grey_image(image_size, pixel_mean, image_dtype),
               'boxes': tf.zeros([m, 4], tf.float32),
               'labels': tf.zeros([m], tf.int32),
               'mask': tf.zeros([m], tf.bool),
@@ -294,9 +326,12 @@ class TrainIterator:
 
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
     ds = ds.map(step_inputs)
-    ds = ds.map(geometry, num_parallel_calls=2, deterministic=True)
-    ds = ds.interleave(one_step, cycle_length=2, block_length=b,
-                       num_parallel_calls=2, deterministic=True)
+    ds = ds.map(geometry, num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
+    # Every step yields exactly b examples (block_length), so the output
+    # order does not depend on how many steps tf.data renders at once.
+    ds = ds.interleave(one_step, cycle_length=tf.data.AUTOTUNE, block_length=b,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
     ds = ds.prefetch(config.data.prefetch or tf.data.AUTOTUNE)
     options = tf.data.Options()
@@ -324,7 +359,7 @@ def create_train_iterator(config, *, start_step=0):
   Args:
     config: uses data.{train, voc_root, tfds_data_dir, class_names,
       max_boxes, num_parallel_calls, prefetch}, input.{image_size,
-      pixel_mean}, solver.batch_size, seed.
+      pixel_mean, train_image_dtype}, solver.batch_size, seed.
     start_step: global step of the first batch (for resuming).
 
   Returns:
@@ -342,7 +377,8 @@ class EvalIterable:
 
   Every image of the dataset is in exactly one host's share; every host
   yields the same number of batches (ceil(ceil(N / hosts) / b)). Keys:
-  `image` float32 [b, S, S, 3] (test transform), `image_id` [b] str,
+  `image` uint8 [b, S, S, 3] RGB (the reference's test transform before its
+  mean subtraction, which the predict step does), `image_id` [b] str,
   `orig_size` int32 [b, 2] (height, width), `boxes` float32 [b, Mx, 4] all
   ground truth in original-image pixels (0-based, as the reference parses
   VOC), `labels` int32 [b, Mx], `difficult` bool [b, Mx], `mask` bool
@@ -372,7 +408,6 @@ class EvalIterable:
     per_host = -(-len(index) // process_count)
     self.num_batches = -(-per_host // self._batch)
     self._image_size = config.input.image_size
-    self._pixel_mean = tuple(float(m) for m in config.input.pixel_mean)
     self._num_parallel_calls = _num_parallel_calls(config)
 
   def __len__(self):
@@ -382,21 +417,20 @@ class EvalIterable:
     index = self._index
     read = sources.image_reader(index)
     is_jpeg = tf.constant(index.is_jpeg)
-    image_size, pixel_mean = self._image_size, self._pixel_mean
+    image_size = self._image_size
 
     def load(example):
       image = augment.eval_transform(read(example), is_jpeg[example],
-                                     image_size=image_size,
-                                     pixel_mean=pixel_mean)
+                                     image_size=image_size)
       return {'image': image, 'example': example, 'failed': tf.constant(False)}
 
     def empty(example):
-      return {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+      return {'image': tf.zeros([image_size, image_size, 3], tf.uint8),
               'example': example, 'failed': tf.constant(True)}
 
     ds = tf.data.Dataset.from_tensor_slices(self._examples)
     ds = _with_fallback(ds, load, empty, self._num_parallel_calls)
-    return ds.batch(self._batch).prefetch(2)
+    return ds.batch(self._batch).prefetch(tf.data.AUTOTUNE)
 
   def _ground_truth(self, examples):
     b, m = len(examples), self.max_objects
@@ -419,7 +453,7 @@ class EvalIterable:
     for _ in range(emitted, self.num_batches):  # hosts with fewer images
       yield self._finish({
           'image': np.zeros([0, self._image_size, self._image_size, 3],
-                            np.float32),
+                            np.uint8),
           'example': np.zeros([0], np.int64), 'failed': np.zeros([0], bool)})
 
   def _finish(self, batch):
@@ -448,7 +482,7 @@ def create_eval_iterator(config, dataset_name, *, batch_size,
 
   Args:
     config: uses data.{voc_root, tfds_data_dir, class_names,
-      num_parallel_calls}, input.{image_size, pixel_mean}.
+      num_parallel_calls}, input.image_size.
     dataset_name: e.g. 'voc_2007_test'.
     batch_size: global batch size (split over processes like training).
     process_index, process_count: default to jax's.
