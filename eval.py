@@ -14,10 +14,13 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ssd_jax import launch
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
                     'ssd_jax.torch_import.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+launch.define_flags()
 
 
 def _flag_value(argv, name):
@@ -55,6 +58,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required')
+  launch.setup(FLAGS.config, FLAGS)
   from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
   try:

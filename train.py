@@ -11,13 +11,17 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ssd_jax import launch
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Output directory (default: config.output_dir).')
-flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() first (multi-host runs).')
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume even if the config differs from the saved one in '
+                  'a field that changes the data stream or the optimizer.')
+launch.define_flags()
 flags.mark_flags_as_required(['config'])
 
 
@@ -27,15 +31,15 @@ def main(argv):
   # Our own log lines go through the 'SSD.*' loggers; keep absl's (clu's
   # per-scalar lines, Orbax's progress) to warnings.
   logging.set_verbosity(logging.WARNING)
-  import jax  # pylint: disable=g-import-not-at-top
-  if FLAGS.distributed:
-    jax.distributed.initialize()
+  launch.setup(FLAGS.config, FLAGS)
   from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(FLAGS.config,
-                               FLAGS.workdir or FLAGS.config.output_dir)
-  except checkpointing.CheckpointMismatchError as e:
+                               FLAGS.workdir or FLAGS.config.output_dir,
+                               allow_config_change=FLAGS.allow_config_change)
+  except (checkpointing.CheckpointMismatchError,
+          trainer.ConfigChangedError) as e:
     sys.exit(f'train.py: {e}')
 
 

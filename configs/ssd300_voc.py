@@ -37,6 +37,9 @@ def get_config():
   backbone.out_channels = (512, 1024, 512, 256, 256, 256)
   # Path or URL of the VGG16 reduced-fc weights; '' = random initialisation.
   backbone.pretrained = VGG16_REDUCEDFC_URL
+  # Expected sha256 (hex) of that file, checked when set ('' = no check; the
+  # reference publishes none).
+  backbone.pretrained_sha256 = ''
   # VGG16 conv widths are divided by this (1 = the real VGG16).
   backbone.width_divisor = 1
   # BatchNorm after every VGG conv: only for reduced demo models (the
@@ -82,6 +85,9 @@ def get_config():
   data.coco_root = ''
   data.tfds_data_dir = ''  # '' = the TFDS default (~/tensorflow_datasets).
   data.class_names = VOC_CLASSES  # index = label, 0 = background
+  # Objects of other classes: an error before training (False), or dropped
+  # and counted (True, e.g. to train on a subset of the classes).
+  data.skip_unknown_classes = False
   data.max_boxes = 64  # ground truth padded to this many boxes per image
   data.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
   data.prefetch = 2  # batches prefetched to the device
@@ -111,4 +117,7 @@ def get_config():
   config.save_step = 2500
   config.eval_step = 2500
   config.keep_checkpoints = 3
+  # GPU: XLA's deterministic ops (--xla_gpu_deterministic_ops, slower), the
+  # condition for bit-identical resume there. CPU runs are deterministic.
+  config.deterministic = False
   return config

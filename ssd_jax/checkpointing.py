@@ -54,6 +54,45 @@ def load_config(workdir):
     return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
 
 
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _matches(key, patterns):
+  return any(key == p or key.startswith(p + '.') for p in patterns)
+
+
+def config_changes(saved, config, fields, ignore=()):
+  """The differences between two configs in `fields`, one line each.
+
+  Args:
+    saved, config: ConfigDicts (e.g. `load_config(W)` and the new run's).
+    fields: dotted names compared, a name covering everything under it
+      (e.g. 'solver', 'data.train').
+    ignore: dotted names under `fields` left out (e.g. 'solver.max_iter').
+
+  Returns:
+    ['solver.batch_size: 4 -> 8', ...] ('<absent>' for a missing field),
+    sorted; values compared as JSON (tuples and lists alike).
+  """
+  old = _flatten(json.loads(saved.to_json()))
+  new = _flatten(json.loads(config.to_json()))
+  changes = []
+  for key in sorted(set(old) | set(new)):
+    if not _matches(key, fields) or _matches(key, ignore):
+      continue
+    before, after = old.get(key, '<absent>'), new.get(key, '<absent>')
+    if before != after:
+      changes.append(f'{key}: {before} -> {after}')
+  return changes
+
+
 class Checkpointer:
   """Saves and restores training state under W/checkpoints with Orbax."""
 
@@ -192,9 +231,14 @@ def _shapes(tree):
 
 
 def _abstract(tree):
+  """Restore targets; leaves without a sharding go to the first local device.
+
+  (Orbax would otherwise reuse the saved sharding, which fails when the
+  checkpoint was written by another number of devices or hosts.)
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
   def to_struct(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return x
-    return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                sharding=getattr(x, 'sharding', None))
+    sharding = getattr(x, 'sharding', None) or default
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   return jax.tree.map(to_struct, tree)

@@ -12,11 +12,15 @@ The metric follows the dataset: VOC datasets get the reference's VOC AP
 and ground truth) COCOeval's AP (coco_eval) and a results file.
 """
 
+import copy
 import json
 import math
 import os
+import pickle
 
 import jax
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 import numpy as np
 import tqdm
 
@@ -35,6 +39,84 @@ def _pad(ap, num_classes):
   out = np.full(max(num_classes, len(ap)), np.nan)
   out[:len(ap)] = ap
   return out
+
+
+def detect(predict_fn, batches, priors, config, *, num_images=None,
+           progress=True):
+  """Detections and ground truth of the valid images of an eval stream.
+
+  Args: as `evaluate`.
+
+  Returns:
+    (detections, ground_truth), one entry per valid image in stream order:
+    detections as in `evaluate`; ground truth (boxes [M, 4] original pixels,
+    labels [M], difficult [M] bool) without padding boxes.
+  """
+  priors = np.asarray(priors, np.float32)
+  detections, ground_truth = [], []
+  bar = tqdm.tqdm(total=num_images, unit='img', desc='eval',
+                  disable=not progress)
+
+  def finish(batch, outputs):
+    """Host side of one batch: NMS and ground truth of its valid images."""
+    valid = np.flatnonzero(np.asarray(batch['valid'], bool))
+    if num_images is not None:
+      valid = valid[:num_images - len(detections)]
+    cls_logits, bbox_pred = (np.asarray(x) for x in outputs)
+    dets = postprocess.detect(cls_logits[valid], bbox_pred[valid], priors,
+                              np.asarray(batch['orig_size'])[valid], config)
+    for i, det in zip(valid, dets):
+      mask = np.asarray(batch['mask'][i], bool)
+      det['image_id'] = _image_id(batch['image_id'][i])
+      detections.append(det)
+      ground_truth.append((np.asarray(batch['boxes'][i])[mask],
+                           np.asarray(batch['labels'][i])[mask],
+                           np.asarray(batch['difficult'][i], bool)[mask]))
+    bar.update(len(valid))
+
+  pending = None
+  dispatched = 0
+  for batch in batches:
+    if num_images is not None and dispatched >= num_images:
+      break
+    num_valid = int(np.sum(batch['valid']))
+    if num_valid == 0:
+      continue
+    outputs = predict_fn(batch['image'])  # returns before the device is done
+    dispatched += num_valid
+    if pending is not None:
+      finish(*pending)
+    pending = (batch, outputs)
+  if pending is not None:
+    finish(*pending)
+  bar.close()
+  return detections, ground_truth
+
+
+def score(detections, ground_truth, class_names, coco=None):
+  """VOC07 11-point and area AP (or COCO AP) of `detect`'s output.
+
+  See `evaluate` for the arguments and the result.
+  """
+  if not detections:
+    raise ValueError('evaluate: the dataset yielded no valid image')
+  if coco is not None:
+    return {**coco_eval.evaluate(detections, coco),
+            'detections': list(detections), 'num_images': len(detections)}
+  gt_boxes, gt_labels, gt_difficults = zip(*ground_truth)
+  prec, rec = voc_eval.precision_recall(
+      [d['boxes'] for d in detections], [d['labels'] for d in detections],
+      [d['scores'] for d in detections], gt_boxes, gt_labels, gt_difficults)
+  ap = _pad(voc_eval.average_precision(prec, rec, use_07_metric=True),
+            len(class_names))
+  ap_area = _pad(voc_eval.average_precision(prec, rec, use_07_metric=False),
+                 len(class_names))
+  if len(ap) > len(class_names):
+    raise ValueError(f'label {len(ap) - 1} seen but only {len(class_names)} '
+                     'class names')
+  return {'map': voc_eval.mean_ap(ap), 'map_area': voc_eval.mean_ap(ap_area),
+          'ap': ap, 'ap_area': ap_area, 'detections': list(detections),
+          'num_images': len(detections)}
 
 
 def evaluate(predict_fn, batches, priors, config, class_names, *,
@@ -70,63 +152,9 @@ def evaluate(predict_fn, batches, priors, config, class_names, *,
     {'image_id', 'boxes' [K, 4] original pixels, 'labels' [K], 'scores' [K]},
     'num_images'}.
   """
-  priors = np.asarray(priors, np.float32)
-  detections, gt_boxes, gt_labels, gt_difficults = [], [], [], []
-  bar = tqdm.tqdm(total=num_images, unit='img', desc='eval',
-                  disable=not progress)
-
-  def finish(batch, outputs):
-    """Host side of one batch: NMS and ground truth of its valid images."""
-    valid = np.flatnonzero(np.asarray(batch['valid'], bool))
-    if num_images is not None:
-      valid = valid[:num_images - len(detections)]
-    cls_logits, bbox_pred = (np.asarray(x) for x in outputs)
-    dets = postprocess.detect(cls_logits[valid], bbox_pred[valid], priors,
-                              np.asarray(batch['orig_size'])[valid], config)
-    for i, det in zip(valid, dets):
-      mask = np.asarray(batch['mask'][i], bool)
-      det['image_id'] = _image_id(batch['image_id'][i])
-      detections.append(det)
-      gt_boxes.append(np.asarray(batch['boxes'][i])[mask])
-      gt_labels.append(np.asarray(batch['labels'][i])[mask])
-      gt_difficults.append(np.asarray(batch['difficult'][i], bool)[mask])
-    bar.update(len(valid))
-
-  pending = None
-  dispatched = 0
-  for batch in batches:
-    if num_images is not None and dispatched >= num_images:
-      break
-    num_valid = int(np.sum(batch['valid']))
-    if num_valid == 0:
-      continue
-    outputs = predict_fn(batch['image'])  # returns before the device is done
-    dispatched += num_valid
-    if pending is not None:
-      finish(*pending)
-    pending = (batch, outputs)
-  if pending is not None:
-    finish(*pending)
-  bar.close()
-  if not detections:
-    raise ValueError('evaluate: the dataset yielded no valid image')
-  if coco is not None:
-    return {**coco_eval.evaluate(detections, coco), 'detections': detections,
-            'num_images': len(detections)}
-
-  prec, rec = voc_eval.precision_recall(
-      [d['boxes'] for d in detections], [d['labels'] for d in detections],
-      [d['scores'] for d in detections], gt_boxes, gt_labels, gt_difficults)
-  ap = _pad(voc_eval.average_precision(prec, rec, use_07_metric=True),
-            len(class_names))
-  ap_area = _pad(voc_eval.average_precision(prec, rec, use_07_metric=False),
-                 len(class_names))
-  if len(ap) > len(class_names):
-    raise ValueError(f'label {len(ap) - 1} seen but only {len(class_names)} '
-                     'class names')
-  return {'map': voc_eval.mean_ap(ap), 'map_area': voc_eval.mean_ap(ap_area),
-          'ap': ap, 'ap_area': ap_area, 'detections': detections,
-          'num_images': len(detections)}
+  detections, ground_truth = detect(predict_fn, batches, priors, config,
+                                    num_images=num_images, progress=progress)
+  return score(detections, ground_truth, class_names, coco=coco)
 
 
 def _number(value):
@@ -174,38 +202,55 @@ class Evaluator:
     self.writer = writer
     self.logger = logger
     self.num_images_drawn = num_images_drawn
-    self.predict_step = train_lib.make_predict_step(config, model_def)
+    self.predict_step = train_lib.make_predict_step(config, model_def, mesh)
 
   def _predict_fn(self, state):
-    if jax.process_count() == 1:
-      def predict(images):  # spread the batch over all devices
-        return self.predict_step(state,
-                                 train_lib.global_batch(images, self.mesh))
-      return predict
-    # Several hosts: process 0 evaluates alone on its first device.
-    local = jax.tree.map(lambda x: x.addressable_data(0), state)
-    return lambda images: self.predict_step(local, images)
+    """images (this host's share of a batch) -> this host's head outputs."""
+    def predict(images):
+      outputs = self.predict_step(state,
+                                  train_lib.global_batch(images, self.mesh))
+      if jax.process_count() == 1:
+        return outputs
+      return multihost_utils.global_array_to_host_local_array(
+          outputs, self.mesh, PartitionSpec(train_lib.DATA_AXIS))
+    return predict
 
   def _batch_size(self):
-    devices = jax.device_count() if jax.process_count() == 1 else 1
+    """config.test.batch_size rounded up to a multiple of all devices."""
+    devices = jax.device_count()
     return -(-self.config.test.batch_size // devices) * devices
 
   def __call__(self, state, step):
-    """Returns {dataset name: evaluate() result} (empty on other hosts)."""
+    """Returns {dataset name: evaluate() result} (empty on other hosts).
+
+    Every host runs the forward and NMS of its share of each dataset; the
+    detections are gathered to process 0, which computes the AP in the
+    dataset's order, so the result does not depend on the number of hosts.
+    """
     from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    if jax.process_index() != 0:
-      return {}
+    is_main = jax.process_index() == 0
     predict = self._predict_fn(state)
     results = {}
     for name in self.config.data.test:
       batches = pipeline.create_eval_iterator(
-          self.config, name, batch_size=self._batch_size(), process_index=0,
-          process_count=1)
+          self.config, name, batch_size=self._batch_size())
       class_names = batches.class_names
-      self.logger.info('Evaluating %s dataset(%d images):', name,
-                       pipeline.num_examples(self.config, name))
-      result = evaluate(predict, batches, self.priors, self.config,
-                        class_names, coco=batches.coco)
+      if is_main:
+        self.logger.info('Evaluating %s dataset(%d images):', name,
+                         pipeline.num_examples(self.config, name))
+      detections, ground_truth = detect(predict, batches, self.priors,
+                                        self.config, progress=is_main)
+      detections, ground_truth, counts = _gather_to_main(
+          pipeline.load_index(self.config, name), detections, ground_truth,
+          batches.stats.counts)
+      if not is_main:
+        continue
+      self.logger.info('%s: %s', name, counts.summary())
+      self.writer.write_scalars(step, {
+          f'data/{name}/skipped': counts.num_skipped,
+          f'data/{name}/fixed': counts.num_fixed})
+      result = score(detections, ground_truth, class_names,
+                     coco=batches.coco)
       results[name] = result
       if batches.coco is not None:
         coco_eval.report(result, self.workdir, name, step, self.writer,
@@ -248,3 +293,41 @@ class Evaluator:
           pixels, det['boxes'] * scale, det['labels'], det['scores'],
           class_names))
     return np.stack(drawn)
+
+
+def _gather_objects(value):
+  """Every host's picklable `value`, in process order (a collective)."""
+  data = np.frombuffer(pickle.dumps(value), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:data.size] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [pickle.loads(gathered[i, :int(n)].tobytes())
+          for i, n in enumerate(np.ravel(sizes))]
+
+
+def _gather_to_main(index, detections, ground_truth, counts):
+  """All hosts' detections and ground truth, in the order of `index`.
+
+  Args:
+    index: the dataset's sources.Index (every host holds the whole index).
+    detections, ground_truth: this host's share, from `detect`.
+    counts: this host's sources.Counts of the dataset (index-time counts,
+      the same on every host, plus this host's decode failures).
+
+  Returns:
+    (detections, ground_truth, counts) of the whole dataset; on one host the
+    arguments themselves.
+  """
+  if jax.process_count() == 1:
+    return detections, ground_truth, counts
+  shares = _gather_objects((detections, ground_truth,
+                            counts.skipped['decode_error']))
+  position = {_image_id(image_id): i
+              for i, image_id in enumerate(index.image_ids)}
+  merged = sorted(
+      (pair for dets, gts, _ in shares for pair in zip(dets, gts)),
+      key=lambda pair: position[pair[0]['image_id']])
+  total = copy.deepcopy(counts)
+  total.skipped['decode_error'] = sum(share[2] for share in shares)
+  return ([d for d, _ in merged], [g for _, g in merged], total)

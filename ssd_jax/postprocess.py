@@ -60,7 +60,17 @@ def _executor():
 
 
 def _default_threads():
-  return max(1, min(8, len(os.sched_getaffinity(0))))
+  return max(1, min(8, available_cpus()))
+
+
+def available_cpus():
+  """CPUs this process may run on.
+
+  os.sched_getaffinity exists on Linux only; elsewhere: all of the machine's.
+  """
+  if hasattr(os, 'sched_getaffinity'):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def softmax(logits):

@@ -232,7 +232,8 @@ def predict(model_def, state, images):
   return cls_logits.astype(jnp.float32), bbox_pred.astype(jnp.float32)
 
 
-def make_predict_step(config, model_def, *, platform=None, cpu_kernels=None):
+def make_predict_step(config, model_def, mesh=None, *, platform=None,
+                      cpu_kernels=None):
   """The jit-compiled `predict_step(state, images) -> (cls_logits, bbox_pred)`.
 
   Input contract: `images` [B,S,S,3] RGB pixel values, uint8 (what the eval
@@ -241,8 +242,10 @@ def make_predict_step(config, model_def, *, platform=None, cpu_kernels=None):
   (`normalize_images`). S = config.input.image_size.
 
   Eval mode (BatchNorm uses running statistics); outputs are float32,
-  [B,P,C] raw logits and [B,P,4] encoded boxes. `images` is sharded along
-  the batch axis when the batch divides over the devices.
+  [B,P,C] raw logits and [B,P,4] encoded boxes. Without `mesh` the outputs
+  are placed as XLA sees fit; with it, `images` and the outputs are sharded
+  along the batch axis of `mesh` (the state replicated), so that each host
+  can read the rows of its own images.
 
   `platform`: where the step runs (default: JAX's default backend);
   `cpu_kernels` as in `make_train_step` (None: on exactly on CPU).
@@ -255,7 +258,13 @@ def make_predict_step(config, model_def, *, platform=None, cpu_kernels=None):
     with layers.cpu_kernels(use_cpu_kernels):
       return predict(model_def, state, normalize_images(images, pixel_mean))
 
-  return jax.jit(predict_step, compiler_options=compiler_options(platform))
+  if mesh is None:
+    return jax.jit(predict_step, compiler_options=compiler_options(platform))
+  batch = batch_sharding(mesh)
+  return jax.jit(predict_step,
+                 in_shardings=(replicated_sharding(mesh), batch),
+                 out_shardings=(batch, batch),
+                 compiler_options=compiler_options(platform))
 
 
 def state_to_checkpoint(state):

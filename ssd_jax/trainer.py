@@ -5,8 +5,11 @@
     W/eval/<dataset>_<step>.json (+ <dataset>_<step>_bbox.json for COCO)
 """
 
+import hashlib
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import urllib.request
@@ -28,12 +31,86 @@ LOGGER_NAME = 'SSD.trainer'
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'ssd_jax')
 
 
+# Config fields that change the data stream or the optimizer: a run resumed
+# with other values would not continue the saved one.
+RESUME_FIELDS = ('seed', 'solver', 'data.train', 'data.class_names',
+                 'data.max_boxes', 'data.synthetic_shapes', 'input', 'model')
+# ... except these: extending a run, or where the weights came from.
+RESUME_FIELDS_FREE = ('solver.max_iter', 'model.backbone.pretrained',
+                      'model.backbone.pretrained_sha256')
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss or the gradient became NaN or Inf."""
 
 
-def pretrained_path(pretrained, cache_dir=None):
-  """A local path for `model.backbone.pretrained` (downloads a URL once)."""
+class ConfigChangedError(ValueError):
+  """Resuming a workdir with a config that would not continue its run."""
+
+
+def check_resume_config(config, workdir, allow_change, logger):
+  """Raises ConfigChangedError if `config` does not continue W's saved run.
+
+  Only the RESUME_FIELDS count; with `allow_change` the differences are
+  logged instead.
+  """
+  try:
+    saved = checkpointing.load_config(workdir)
+  except FileNotFoundError:
+    return
+  changes = checkpointing.config_changes(saved, config, RESUME_FIELDS,
+                                         RESUME_FIELDS_FREE)
+  if not changes:
+    return
+  listing = '\n  '.join(changes)
+  if allow_change:
+    logger.warning('Resuming with a changed config (--allow_config_change):'
+                   '\n  %s', listing)
+    return
+  raise ConfigChangedError(
+      f'{workdir} holds a run with another config; resuming it with this one '
+      'would change the data stream or the optimizer:\n  ' + listing +
+      '\nUse the saved values, another --workdir, or pass '
+      '--allow_config_change to resume anyway.')
+
+
+class PretrainedFileError(ValueError):
+  """A pretrained-weights file is empty, truncated or has the wrong hash."""
+
+
+def _sha256(path):
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _check_file(path, sha256, expected_size=None):
+  """Raises PretrainedFileError if `path` is empty or not the expected file."""
+  size = os.path.getsize(path)
+  if size == 0 or (expected_size is not None and size != expected_size):
+    raise PretrainedFileError(
+        f'{path} has {size} bytes'
+        + (f', the server announced {expected_size}' if expected_size else '')
+        + ': the file is incomplete.')
+  if sha256 and _sha256(path) != sha256.lower():
+    raise PretrainedFileError(
+        f'{path} has sha256 {_sha256(path)}, but '
+        f'model.backbone.pretrained_sha256 is {sha256}: another file, or a '
+        'damaged one.')
+
+
+def pretrained_path(pretrained, cache_dir=None, sha256=''):
+  """A local path for `model.backbone.pretrained` (downloads a URL once).
+
+  Safe with several processes or hosts sharing the cache: each downloads into
+  its own temporary file and renames it into place when complete (atomic on
+  one filesystem), so no one reads a half-written file. A cached or
+  downloaded file must be non-empty, have the size the server announced and,
+  when `sha256` (hex) is given, that hash; a cached file that fails the check
+  is downloaded again.
+  """
   if '://' not in pretrained:
     if not os.path.exists(pretrained):
       raise FileNotFoundError(
@@ -41,25 +118,43 @@ def pretrained_path(pretrained, cache_dir=None):
           "it at the backbone's ImageNet weights (vgg16_reducedfc.pth for "
           'VGG), or set --config.model.backbone.'
           "pretrained='' to start from random weights.")
+    _check_file(pretrained, sha256)
     return pretrained
   cache_dir = cache_dir or os.environ.get('SSD_JAX_CACHE', DEFAULT_CACHE)
   path = os.path.join(cache_dir, os.path.basename(pretrained))
   if os.path.exists(path):
-    return path
+    try:
+      _check_file(path, sha256)
+      return path
+    except PretrainedFileError:
+      pass  # downloaded again below
   os.makedirs(cache_dir, exist_ok=True)
+  fd, temporary = tempfile.mkstemp(dir=cache_dir,
+                                   prefix=os.path.basename(path) + '.',
+                                   suffix='.part')
   try:
-    with urllib.request.urlopen(pretrained, timeout=60) as response:
-      data = response.read()
-  except OSError as e:
-    raise FileNotFoundError(
-        f'Could not download the pretrained backbone {pretrained} ({e}). '
-        f'Download it where you have internet and put it at {path} (or set '
-        '$SSD_JAX_CACHE), pass --config.model.backbone.pretrained=/path/to/'
-        "the_file.pth, or use --config.model.backbone.pretrained='' "
-        'for random initialisation.') from e
-  with open(path + '.tmp', 'wb') as f:
-    f.write(data)
-  os.replace(path + '.tmp', path)
+    with os.fdopen(fd, 'wb') as f:
+      try:
+        with urllib.request.urlopen(pretrained, timeout=60) as response:
+          length = response.headers.get('Content-Length')
+          shutil.copyfileobj(response, f, 1 << 20)
+      except OSError as e:
+        raise FileNotFoundError(
+            f'Could not download the pretrained backbone {pretrained} ({e}). '
+            f'Download it where you have internet and put it at {path} (or '
+            'set $SSD_JAX_CACHE), pass --config.model.backbone.pretrained='
+            "/path/to/the_file.pth, or use --config.model.backbone."
+            "pretrained='' for random initialisation.") from e
+    try:
+      _check_file(temporary, sha256, int(length) if length else None)
+    except PretrainedFileError as e:
+      raise PretrainedFileError(
+          f'Downloading {pretrained}: {e} Try again, or download it by hand '
+          f'to {path}.') from e
+    os.replace(temporary, path)
+  finally:
+    if os.path.exists(temporary):
+      os.remove(temporary)
   return path
 
 
@@ -113,8 +208,11 @@ def prepare_data(config, logger):
     multihost_utils.sync_global_devices('shapes dataset ready')
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, allow_config_change=False):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint).
+
+  Resuming with a config that changes the data stream or the optimizer
+  raises ConfigChangedError unless `allow_config_change`.
 
   Returns the final TrainState.
   """
@@ -123,16 +221,23 @@ def train_and_evaluate(config, workdir):
   logger = metrics_log.setup_logger(LOGGER_NAME, workdir, write_file=is_main)
   models.validate_config(config)
   logger.info('Running with config:\n%s', config)
+  checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  latest = checkpointer.latest_step()
+  # A checkpoint without optimizer state (imported) starts a fine-tuning run.
+  if latest is not None and checkpointer.has_opt_state(latest):
+    check_resume_config(config, workdir, allow_config_change, logger)
   prepare_data(config, logger)
+  _log_datasets(logger, pipeline.check_datasets(config))
 
   mesh = train_lib.create_mesh()
   logger.info('Devices: %d x %s on %d host(s)', jax.device_count(),
               jax.devices()[0].device_kind, jax.process_count())
+  check_batch_size(config.solver.batch_size, jax.device_count())
   model = models.create_model(config)
-  checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
-  latest = checkpointer.latest_step()
   if latest is None and config.model.backbone.pretrained:
-    path = pretrained_path(config.model.backbone.pretrained)
+    path = pretrained_path(config.model.backbone.pretrained,
+                           sha256=config.model.backbone.get(
+                               'pretrained_sha256', ''))
     logger.info('Loading pretrained backbone from %s', path)
     taken = torch_import.load_pretrained_backbone(model, path, config)
     logger.info('Pretrained backbone: %d arrays loaded', len(taken))
@@ -167,8 +272,8 @@ def train_and_evaluate(config, workdir):
   train_step = train_lib.make_train_step(config, model_def, tx, mesh, priors)
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, 'tf_logs'), just_logging=not is_main)
-  evaluator = evaluate.Evaluator(config, workdir, model_def, mesh, priors, writer,
-                        logger)
+  evaluator = evaluate.Evaluator(config, workdir, model_def, mesh, priors,
+                                 writer, logger)
   max_iter = config.solver.max_iter
   train_iter = pipeline.create_train_iterator(config, start_step=start_step)
   batches = _prefetch(train_iter, mesh, config.data.prefetch)
@@ -206,7 +311,8 @@ def train_and_evaluate(config, workdir):
         pending = []
         if step % config.log_step == 0:
           _log(logger, writer, config, step, values[-1][1], meters, max_iter,
-               wait_time / max(now - train_start, 1e-9))
+               wait_time / max(now - train_start, 1e-9),
+               train_iter.stats.counts)
       if is_save:
         save(step)
       if (config.eval_step > 0 and step % config.eval_step == 0 and
@@ -220,8 +326,7 @@ def train_and_evaluate(config, workdir):
               metrics_log.format_duration(total), total / done)
   logger.info('Waiting for data: %.1f%% of the training time',
               100 * wait_time / max(total, 1e-9))
-  if hasattr(train_iter, 'stats'):
-    logger.info('Input pipeline: %s', train_iter.stats.summary())
+  logger.info('Input pipeline: %s', train_iter.stats.summary())
   evaluator(state, step)
   checkpointer.close()
   writer.close()
@@ -244,17 +349,39 @@ def _read_checked(pending, checkpointer):
 
 
 def _log(logger, writer, config, step, current, meters, max_iter,
-         data_wait_fraction):
+         data_wait_fraction, data_counts):
+  """The reference's log line (+ skipped/fixed examples when non-zero)."""
   lr = optim.learning_rate(config, step)
   eta = meters.meters['time'].global_avg * (max_iter - step)
-  logger.info(metrics_log.log_line(step, lr, meters, eta, _peak_memory_mib()))
+  line = metrics_log.log_line(step, lr, meters, eta, _peak_memory_mib())
+  skipped, fixed = data_counts.num_skipped, data_counts.num_fixed
+  if skipped or fixed:
+    line += f', data: {skipped} skipped, {fixed} fixed'
+  logger.info(line)
   writer.write_scalars(step, {
       'losses/total_loss': current['total_loss'],
       'losses/reg_loss': current['reg_loss'],
       'losses/cls_loss': current['cls_loss'],
       'lr': lr,
       'perf/data_wait_fraction': data_wait_fraction,
+      'data/skipped_examples': skipped,
+      'data/fixed_annotations': fixed,
   })
+
+
+def _log_datasets(logger, counts):
+  for name, dataset_counts in counts.items():
+    logger.info('Dataset %s: %s', name, dataset_counts.summary())
+
+
+def check_batch_size(batch_size, num_devices):
+  """Raises ValueError unless the global batch splits evenly over devices."""
+  if batch_size % num_devices:
+    lower = batch_size // num_devices * num_devices
+    raise ValueError(
+        f'solver.batch_size={batch_size} does not split over the '
+        f'{num_devices} devices: use a multiple of {num_devices}, e.g. '
+        f'--config.solver.batch_size={max(lower, num_devices)}.')
 
 
 def evaluate_workdir(config, workdir, step=None):
@@ -263,8 +390,10 @@ def evaluate_workdir(config, workdir, step=None):
   Returns {dataset name: evaluate() result}.
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   logger = metrics_log.setup_logger('SSD.inference', write_file=False)
   prepare_data(config, logger)
+  _log_datasets(logger, pipeline.check_datasets(config, config.data.test))
   checkpointer = checkpointing.Checkpointer(workdir)
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
@@ -274,6 +403,9 @@ def evaluate_workdir(config, workdir, step=None):
                                                    str(step)))
   mesh = train_lib.create_mesh()
   model_def, params, model_state = train_lib.split_model(model)
+  # Through the host: every process holds the same values, which is what
+  # placing them on a mesh over several processes needs.
+  params, model_state = jax.device_get((params, model_state))
   state = jax.device_put(
       train_lib.TrainState(step=np.int32(step), params=params,
                            model_state=model_state, opt_state=None),
@@ -281,7 +413,8 @@ def evaluate_workdir(config, workdir, step=None):
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, 'tf_logs'), just_logging=jax.process_index() > 0)
   evaluator = evaluate.Evaluator(config, workdir, model_def, mesh,
-                        priors_lib.generate_priors(config), writer, logger)
+                                 priors_lib.generate_priors(config), writer,
+                                 logger)
   results = evaluator(state, step)
   writer.close()
   checkpointer.close()

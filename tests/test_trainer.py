@@ -185,6 +185,8 @@ def test_bad_examples_are_skipped_and_counted(tmp_path):
   (year / 'JPEGImages' / f'{ids[0]}.jpg').write_bytes(b'\xff\xd8garbage')
   (year / 'Annotations' / f'{ids[1]}.xml').write_text('<annotation><object>')
   (year / 'JPEGImages' / f'{ids[2]}.jpg').unlink()
+  test_ids = (year / 'ImageSets' / 'Main' / 'test.txt').read_text().split()
+  (year / 'JPEGImages' / f'{test_ids[0]}.jpg').write_bytes(b'')
   config.solver.max_iter = 6
   config.save_step = 6
   trainer.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -192,3 +194,10 @@ def test_bad_examples_are_skipped_and_counted(tmp_path):
   assert 'iter: 000006' in log
   match = re.search(r'Input pipeline: skipped (\d+) of (\d+) examples', log)
   assert match and int(match.group(1)) >= 2, log[-2000:]
+  # Counted up front, on every log line, and for the evaluation set.
+  assert re.search(r'Dataset voc_2007_trainval: skipped 3 of 16 examples '
+                   r'\(bad_annotation: 1, missing_image: 1, ', log), log[:3000]
+  assert re.search(r'iter: 000001, .*, data: 3 skipped, \d+ fixed$', log,
+                   re.MULTILINE)
+  assert ('voc_2007_test: skipped 1 of 4 examples (unreadable_image: 1)'
+          in log)

@@ -109,3 +109,29 @@ def reference_state_dict(config, seed=0):
       raise ValueError(f'reference_state_dict: {key} is a {kind!r} entry')
     state_dict[key] = value.astype(np.float32)
   return state_dict
+
+
+def tiny_shapes_flags(root, num_train=32, num_test=8):
+  """train.py flags on configs/shapes_demo.py that build tiny_shapes_config."""
+  overrides = {
+      'model.num_classes': 5,
+      'model.backbone.width_divisor': 16, 'model.backbone.batch_norm': True,
+      'model.backbone.out_channels': '(32, 64, 32, 32)',
+      'model.backbone.extras': '((16, 32, 3, 2, 1), (16, 32, 3, 2, 1))',
+      'model.priors.feature_maps': '(8, 4, 2, 1)',
+      'model.priors.strides': '(8, 16, 32, 64)',
+      'model.priors.min_sizes': '(10, 20, 36, 50)',
+      'model.priors.max_sizes': '(20, 36, 50, 64)',
+      'model.priors.aspect_ratios': '((2,), (2, 3), (2,), (2,))',
+      'model.priors.boxes_per_location': '(4, 6, 4, 4)',
+      'input.image_size': 64, 'data.voc_root': str(root),
+      'data.synthetic_shapes.num_train': num_train,
+      'data.synthetic_shapes.num_test': num_test,
+      'data.synthetic_shapes.image_size': 80, 'data.max_boxes': 8,
+      'solver.batch_size': 4, 'solver.warmup_iters': 2,
+      'solver.lr_steps': '(6,)', 'solver.lr': 1e-3,
+      'solver.weight_decay': 5e-4, 'test.batch_size': 4, 'log_step': 1,
+      'save_step': 4, 'eval_step': 0, 'keep_checkpoints': 5,
+  }
+  return ['--config=configs/shapes_demo.py'] + [
+      f'--config.{key}={value}' for key, value in overrides.items()]

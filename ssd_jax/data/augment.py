@@ -37,6 +37,10 @@ import functools
 import numpy as np
 import tensorflow as tf
 
+from ssd_jax import data as data_lib
+
+data_lib.hide_gpus_from_tensorflow()
+
 CROP_MODE_DRAWS = 16  # bounded version of the reference's endless mode loop
 CROP_TRIALS = 50  # trials per mode, as the reference
 # RandomSampleCrop modes, in the reference's order: None = no crop, a number =

@@ -111,6 +111,65 @@ def num_examples(config, dataset_name):
   return len(load_index(config, dataset_name))
 
 
+class DatasetError(ValueError):
+  """A dataset of the config cannot be used; the message says how to fix it."""
+
+
+def check_datasets(config, dataset_names=None):
+  """Opens and indexes every dataset before any step runs.
+
+  Args:
+    config: uses data.{train, test, voc_root, tfds_data_dir, class_names,
+      skip_unknown_classes}, model.num_classes.
+    dataset_names: the datasets to check (default: data.train + data.test).
+
+  Returns:
+    {dataset name: sources.Counts} of the indices built.
+
+  Raises:
+    DatasetError: listing every problem found, each with its dataset and its
+      fix: model.num_classes that does not fit data.class_names, a missing
+      folder, split or TFDS dataset, a split without usable examples, object
+      classes missing from data.class_names (unless
+      data.skip_unknown_classes).
+  """
+  if dataset_names is None:
+    dataset_names = tuple(config.data.train) + tuple(config.data.test)
+  class_names = tuple(config.data.class_names)
+  problems = []
+  if config.model.num_classes != len(class_names):
+    problems.append(
+        f'model.num_classes is {config.model.num_classes} but '
+        f'data.class_names has {len(class_names)} names (background '
+        'included): make them agree, e.g. '
+        f'--config.model.num_classes={len(class_names)}.')
+  counts = {}
+  for name in dict.fromkeys(dataset_names):
+    try:
+      index = load_index(config, name)
+    except (sources.DatasetNotFoundError, ValueError) as e:
+      problems.append(f'dataset {name!r}: {e}')
+      continue
+    counts[name] = index.counts
+    if not len(index):
+      problems.append(
+          f'dataset {name!r} has no usable example '
+          f'({index.counts.summary()}): check its split file and that its '
+          'images and annotations are where the split file says.')
+    unknown = index.counts.unknown_classes
+    if unknown and not config.data.get('skip_unknown_classes', False):
+      listing = ', '.join(f'{n!r}: {c}' for n, c in sorted(unknown.items()))
+      problems.append(
+          f'dataset {name!r} has objects of classes not in data.class_names '
+          f'({listing}): add them to data.class_names (and '
+          'model.num_classes), or pass '
+          '--config.data.skip_unknown_classes=True to drop them.')
+  if problems:
+    raise DatasetError('Cannot use the datasets of this config:\n  ' +
+                       '\n  '.join(problems))
+  return counts
+
+
 def _per_host_batch(batch_size, process_count):
   if batch_size % process_count:
     raise ValueError(f'batch size {batch_size} is not divisible by the '

@@ -32,6 +32,10 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from ssd_jax import data as data_lib
+
+data_lib.hide_gpus_from_tensorflow()
+
 # Formats tf.io.decode_image reads (first frame of a GIF).
 _DECODABLE_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
 # A file whose end-of-image marker is not within this many last bytes is
@@ -93,12 +97,19 @@ class Counts:
     self.num_listed = 0  # examples listed by the split files
     self.skipped = collections.Counter()
     self.fixed = collections.Counter()
+    # object name -> count of the objects dropped as 'unknown_class'
+    self.unknown_classes = collections.Counter()
 
   def merge(self, other):
     self.num_listed += other.num_listed
     self.skipped.update(other.skipped)
     self.fixed.update(other.fixed)
+    self.unknown_classes.update(other.unknown_classes)
     return self
+
+  @property
+  def num_fixed(self):
+    return sum(self.fixed.values())
 
   @property
   def num_skipped(self):
@@ -283,6 +294,7 @@ def parse_voc_xml(xml_text, class_names, counts):
       continue
     if name not in class_index or class_index[name] == 0:
       counts.fixed['unknown_class'] += 1
+      counts.unknown_classes[name] += 1
       continue
     flag = (obj.findtext('difficult') or '').strip()
     boxes.append(box)
@@ -501,6 +513,8 @@ def tfds_index(dataset_name, class_names, data_dir=''):
         names = [tfds_names[l].lower().strip() for l in objects['label']]
         known = np.array([class_index.get(n, 0) > 0 for n in names], bool)
         counts.fixed['unknown_class'] += int((~known).sum())
+        counts.unknown_classes.update(
+            n for n, k in zip(names, known) if not k)
         labels = np.array([class_index[n] for n in names if n in class_index
                            and class_index[n] > 0], np.int32)
         difficult = np.asarray(objects['is_difficult'], bool)[known]
