@@ -557,12 +557,6 @@ def load_index(config, dataset_name, *, training=False):
   return tfds_index(dataset_name, class_names, config.data.tfds_data_dir)
 
 
-def load_indices(config, dataset_names, *, training=False):
-  """The datasets of `dataset_names` concatenated into one index, in order."""
-  return Index.concatenate([load_index(config, n, training=training)
-                            for n in dataset_names])
-
-
 def image_reader(index):
   """A TF function: example number (int64 scalar) -> encoded image bytes.
 
