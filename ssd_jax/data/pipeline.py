@@ -135,6 +135,7 @@ def check_datasets(config, dataset_names=None):
   """
   if dataset_names is None:
     dataset_names = tuple(config.data.train) + tuple(config.data.test)
+  train_names = set(config.data.train)
   class_names = tuple(config.data.class_names)
   problems = []
   if config.model.num_classes != len(class_names):
@@ -146,7 +147,7 @@ def check_datasets(config, dataset_names=None):
   counts = {}
   for name in dict.fromkeys(dataset_names):
     try:
-      index = load_index(config, name)
+      index = load_index(config, name, training=name in train_names)
     except (sources.DatasetNotFoundError, ValueError) as e:
       problems.append(f'dataset {name!r}: {e}')
       continue
