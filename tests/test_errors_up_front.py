@@ -99,7 +99,8 @@ def test_resume_with_another_data_stream_or_optimizer(tmp_path, data_root):
   saved = _config(data_root)
   checkpointing.save_config(str(tmp_path), saved)
   checkpointer = checkpointing.Checkpointer(str(tmp_path))
-  checkpointer.save(4, {'w': jax.numpy.zeros(2)})
+  checkpointer.save(4, {'w': jax.numpy.zeros(2)},
+                    opt_state={'m': jax.numpy.zeros(2)})
   checkpointer.close()
   config = _config(data_root)
   config.solver.batch_size = 8
@@ -120,6 +121,17 @@ def test_resume_with_another_data_stream_or_optimizer(tmp_path, data_root):
   logger.addHandler(handler)
   trainer.check_resume_config(config, str(tmp_path), True, logger)
   assert 'solver.batch_size: 4 -> 8' in records[0].getMessage()
+
+  # An imported checkpoint (no optimizer state) starts a fine-tuning run:
+  # its config is not held against the new one.
+  imported = tmp_path / 'imported'
+  checkpointing.save_config(str(imported), saved)
+  checkpointer = checkpointing.Checkpointer(str(imported))
+  checkpointer.save(4, {'w': jax.numpy.zeros(2)})
+  checkpointer.close()
+  config.data.test = ('voc_2007_missing',)  # stops it right after the check
+  with pytest.raises(pipeline.DatasetError, match='voc_2007_missing'):
+    trainer.train_and_evaluate(config, str(imported))
 
 
 def test_pretrained_download_shared_cache(tmp_path):
