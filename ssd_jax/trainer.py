@@ -227,7 +227,6 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   if latest is not None and checkpointer.has_opt_state(latest):
     check_resume_config(config, workdir, allow_config_change, logger)
   prepare_data(config, logger)
-  _log_datasets(logger, pipeline.check_datasets(config))
 
   mesh = train_lib.create_mesh()
   logger.info('Devices: %d x %s on %d host(s)', jax.device_count(),
@@ -262,6 +261,9 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
                   'learning-rate schedule at iteration %d', latest)
       state = state.replace(
           opt_state=optim.with_schedule_at(state.opt_state, latest))
+  # Every dataset opened and indexed before the first step (after the
+  # checkpoint, whose mismatch is the more basic error).
+  _log_datasets(logger, pipeline.check_datasets(config))
   # Written once the checkpoint is known to fit, so that a run with the wrong
   # config leaves the workdir's config.json as it was.
   if is_main:
@@ -393,7 +395,6 @@ def evaluate_workdir(config, workdir, step=None):
   from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   logger = metrics_log.setup_logger('SSD.inference', write_file=False)
   prepare_data(config, logger)
-  _log_datasets(logger, pipeline.check_datasets(config, config.data.test))
   checkpointer = checkpointing.Checkpointer(workdir)
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
@@ -401,6 +402,7 @@ def evaluate_workdir(config, workdir, step=None):
   step = checkpointing.restore_model(checkpointer, model, step)
   logger.info('Loaded checkpoint %s', os.path.join(checkpointer.directory,
                                                    str(step)))
+  _log_datasets(logger, pipeline.check_datasets(config, config.data.test))
   mesh = train_lib.create_mesh()
   model_def, params, model_state = train_lib.split_model(model)
   # Through the host: every process holds the same values, which is what
