@@ -354,3 +354,63 @@ class ConvBN(nnx.Module):
   def torch_entries(self, conv_key, norm_key):
     return {**conv_entries(conv_key, self.conv),
             **batch_norm_entries(norm_key, self.norm)}
+class DepthwiseConv(nnx.Conv):
+  """Depthwise nnx.Conv (feature_group_count = channels), fast on CPU.
+
+  Same parameters (`kernel` [kh, kw, 1, C], optional `bias` [C]) and outputs
+  as nnx.Conv with feature_group_count=C; strides ints or per-axis tuples,
+  padding explicit (low, high) pairs or 'SAME' / 'VALID'. On CPU it runs as
+  `depthwise_conv`'s sum of shifted products: XLA:CPU's grouped convolution
+  took 417 ms for a 3x3 depthwise conv on [1, 150, 150, 40], the shifted
+  sum 9 ms.
+  """
+
+  def __init__(self, channels, kernel_size, **kwargs):
+    super().__init__(channels, channels, kernel_size,
+                     feature_group_count=channels, **kwargs)
+    if self.mask is not None or _pair(self.input_dilation or 1) != (1, 1):
+      raise ValueError('layers.DepthwiseConv supports neither input dilation '
+                       'nor masks; use nnx.Conv')
+
+  def __call__(self, x):
+    dtype = self.dtype or x.dtype
+    y = depthwise_conv(x.astype(dtype), self.kernel[...].astype(dtype),
+                       _pair(self.strides or 1), self.padding,
+                       _pair(self.kernel_dilation or 1))
+    if self.bias is None:
+      return y
+    return add_bias(y, self.bias[...].astype(dtype))
+
+
+def depthwise_conv(x, kernel, strides=(1, 1), padding='SAME',
+                   dilation=(1, 1)):
+  """x [N, H, W, C] * kernel [kh, kw, 1, C] per channel -> [N, H', W', C].
+
+  XLA's grouped convolution, except on CPU, where it is the sum over kernel
+  taps of strided slices of the padded input times that tap's weights.
+  """
+  channels = x.shape[-1]
+  if jax.default_backend() != 'cpu':
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, rhs_dilation=dilation,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=channels)
+  kh, kw = kernel.shape[:2]
+  pads = jax.lax.padtype_to_pads(
+      x.shape[1:3], ((kh - 1) * dilation[0] + 1, (kw - 1) * dilation[1] + 1),
+      strides, padding) if isinstance(padding, str) else padding
+  pads = tuple(tuple(p) for p in pads)
+  x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  out_h = (x.shape[1] - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+  out_w = (x.shape[2] - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      top, left = i * dilation[0], j * dilation[1]
+      tap = jax.lax.slice(
+          x, (0, top, left, 0),
+          (x.shape[0], top + (out_h - 1) * strides[0] + 1,
+           left + (out_w - 1) * strides[1] + 1, channels),
+          (1, strides[0], strides[1], 1)) * kernel[i, j, 0]
+      out = tap if out is None else out + tap
+  return out

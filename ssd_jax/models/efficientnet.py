@@ -1,0 +1,317 @@
+"""EfficientNet-B3 backbone of the reference's EfficientNet-B3-SSD300.
+
+The reference (ssd/modeling/backbone/efficient_net) is a port of the
+TensorFlow EfficientNet: MBConv blocks (1x1 expansion, depthwise conv,
+squeeze-excitation, 1x1 projection, identity skip with drop-connect), swish
+activations, BatchNorm with TF's momentum 0.99 / epsilon 1e-3, and
+convolutions padded as TF's 'SAME' (computed from the input size, the extra
+row/column at the bottom/right when the padding is odd). For SSD it drops the
+classifier head (no conv_head / fc), returns the outputs of blocks 7, 17 and
+25 (the last block of stages 3, 5 and 7: 48, 136 and 384 channels at strides
+8, 16 and 32) and adds three extra levels (1x1 conv + 3x3 conv, ReLU after
+each) on top of the last block.
+
+All modules take and return NHWC activations; kernels are HWIO (depthwise
+kernels [kh, kw, 1, C] with feature_group_count = C).
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssd_jax.models import layers
+from ssd_jax.models import vgg
+
+# The EfficientNet-B0 stages, scaled per model by width/depth coefficients.
+class Stage(NamedTuple):
+  kernel: int
+  repeats: int
+  in_filters: int
+  out_filters: int
+  expand_ratio: int
+  stride: int
+  se_ratio: float
+
+
+B0_STAGES = (
+    Stage(3, 1, 32, 16, 1, 1, 0.25),
+    Stage(3, 2, 16, 24, 6, 2, 0.25),
+    Stage(5, 2, 24, 40, 6, 2, 0.25),
+    Stage(3, 3, 40, 80, 6, 2, 0.25),
+    Stage(5, 3, 80, 112, 6, 1, 0.25),
+    Stage(5, 4, 112, 192, 6, 2, 0.25),
+    Stage(3, 1, 192, 320, 6, 1, 0.25),
+)
+STEM_FILTERS = 32
+# The stages whose last block feeds a detection head (stride 8, 16, 32).
+FEATURE_STAGES = (2, 4, 6)
+
+# EfficientNet-B3's compound-scaling coefficients and TF's BatchNorm.
+B3_WIDTH_COEFFICIENT = 1.2
+B3_DEPTH_COEFFICIENT = 1.4
+DEPTH_DIVISOR = 8
+BN_MOMENTUM = 0.99  # flax convention: running = 0.99 running + 0.01 batch
+BN_EPSILON = 1e-3
+
+# ImageNet weights the reference loads (EfficientNet-PyTorch's B3 file).
+B3_PRETRAINED_URL = (
+    'http://storage.googleapis.com/public-models/efficientnet-b3-c8376fa2.pth')
+
+
+def round_filters(filters, width_coefficient, divisor=DEPTH_DIVISOR):
+  """Channels scaled by the width coefficient, rounded to a multiple of 8.
+
+  Rounds to the nearest multiple (at least `divisor`), one multiple up if
+  that lost more than 10%: 32 -> 40, 320 -> 384 for B3.
+  """
+  scaled = filters * width_coefficient
+  rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * scaled:
+    rounded += divisor
+  return int(rounded)
+
+
+def round_repeats(repeats, depth_coefficient):
+  """Blocks per stage scaled by the depth coefficient, rounded up."""
+  return int(math.ceil(depth_coefficient * repeats))
+
+
+class BlockSpec(NamedTuple):
+  kernel: int
+  stride: int
+  in_filters: int
+  out_filters: int
+  expand_ratio: int
+  se_ratio: float
+
+
+def block_specs(width_coefficient, depth_coefficient):
+  """-> (stem channels, per-block BlockSpecs, index of each stage's last block)."""
+  specs, stage_ends = [], []
+  for stage in B0_STAGES:
+    in_filters = round_filters(stage.in_filters, width_coefficient)
+    out_filters = round_filters(stage.out_filters, width_coefficient)
+    for i in range(round_repeats(stage.repeats, depth_coefficient)):
+      specs.append(BlockSpec(
+          stage.kernel, stage.stride if i == 0 else 1,
+          in_filters if i == 0 else out_filters, out_filters,
+          stage.expand_ratio, stage.se_ratio))
+    stage_ends.append(len(specs) - 1)
+  return (round_filters(STEM_FILTERS, width_coefficient), tuple(specs),
+          tuple(stage_ends))
+
+
+def same_padding(size, kernel, stride):
+  """TF 'SAME' padding of one axis: (before, after), the odd pixel after.
+
+  The output has ceil(size / stride) positions; e.g. a 3x3/2 conv on 300
+  pixels pads (0, 1), on 75 pixels (1, 1). Equal to jax.lax's 'SAME'.
+  """
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
+
+
+def torch_default_init(fan_in):
+  return vgg.torch_default_conv_init(fan_in)
+
+
+class BatchNorm(nnx.Module):
+  """PyTorch BatchNorm2d over the last axis of NHWC input.
+
+  Training normalises with the biased batch variance and updates the running
+  variance with the unbiased one (PyTorch's rule); `momentum` is flax's
+  (running = momentum * running + (1 - momentum) * batch). Statistics and
+  the normalisation constants are float32; the output has `dtype`.
+  `use_running_average` is set by model.train() / model.eval().
+  """
+
+  def __init__(self, num_features, *, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+               dtype=jnp.float32, use_running_average=False):
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.use_running_average = use_running_average
+
+  def __call__(self, x):
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      count = x.size // x.shape[-1]
+      unbiased = var * (count / max(count - 1, 1))
+      m = self.momentum
+      self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+      self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(
+          unbiased)
+    multiplier = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+    shift = self.bias[...] - mean * multiplier
+    return x.astype(self.dtype) * multiplier.astype(self.dtype) + shift.astype(
+        self.dtype)
+
+  def torch_entries(self, prefix):
+    return {f'{prefix}.weight': (self.scale, 'vector'),
+            f'{prefix}.bias': (self.bias, 'vector'),
+            f'{prefix}.running_mean': (self.mean, 'vector'),
+            f'{prefix}.running_var': (self.var, 'vector')}
+
+
+def _conv(in_channels, out_channels, kernel, stride=1, *, use_bias,
+          dtype, rngs):
+  """A TF-'SAME'-padded convolution with PyTorch's default initialisation."""
+  fan_in = in_channels * kernel * kernel
+  return layers.Conv(in_channels, out_channels, (kernel, kernel),
+                     strides=(stride, stride), padding='SAME',
+                     use_bias=use_bias, dtype=dtype,
+                     kernel_init=torch_default_init(fan_in),
+                     bias_init=torch_default_init(fan_in), rngs=rngs)
+
+
+def _conv_entries(prefix, conv):
+  entries = {f'{prefix}.weight': (conv.kernel, 'conv')}
+  if conv.bias is not None:
+    entries[f'{prefix}.bias'] = (conv.bias, 'vector')
+  return entries
+
+
+class MBConvBlock(nnx.Module):
+  """Mobile inverted bottleneck: expand, depthwise, squeeze-excite, project.
+
+  x [B, H, W, in] -> [B, H / stride, W / stride, out]. With stride 1 and
+  in == out the input is added back, the residual branch first dropped per
+  example with probability `drop_connect_rate` in training (scaled by
+  1 / keep probability, as TF's drop-connect).
+  """
+
+  def __init__(self, spec, *, drop_connect_rate=0.0, dtype=jnp.float32, rngs):
+    self.spec = spec
+    self.dtype = dtype
+    channels = spec.in_filters * spec.expand_ratio
+    bn = lambda c: BatchNorm(c, dtype=dtype)
+    if spec.expand_ratio != 1:
+      self.expand_conv = _conv(spec.in_filters, channels, 1, use_bias=False,
+                               dtype=dtype, rngs=rngs)
+      self.bn0 = bn(channels)
+    else:
+      self.expand_conv = self.bn0 = None
+    k = spec.kernel
+    self.depthwise_conv = layers.DepthwiseConv(
+        channels, (k, k), strides=(spec.stride, spec.stride),
+        padding='SAME', use_bias=False,
+        dtype=dtype, kernel_init=torch_default_init(k * k), rngs=rngs)
+    self.bn1 = bn(channels)
+    squeezed = max(1, int(spec.in_filters * spec.se_ratio))
+    self.se_reduce = _conv(channels, squeezed, 1, use_bias=True, dtype=dtype,
+                           rngs=rngs)
+    self.se_expand = _conv(squeezed, channels, 1, use_bias=True, dtype=dtype,
+                           rngs=rngs)
+    self.project_conv = _conv(channels, spec.out_filters, 1, use_bias=False,
+                              dtype=dtype, rngs=rngs)
+    self.bn2 = bn(spec.out_filters)
+    self.has_skip = spec.stride == 1 and spec.in_filters == spec.out_filters
+    # drop_connect(rate 0) is the identity, as in the reference.
+    self.drop_connect = (nnx.Dropout(drop_connect_rate, broadcast_dims=(1, 2, 3))
+                         if self.has_skip and drop_connect_rate > 0 else None)
+
+  def __call__(self, inputs, *, rngs=None):
+    x = inputs
+    if self.expand_conv is not None:
+      x = jax.nn.swish(self.bn0(self.expand_conv(x)))
+    x = jax.nn.swish(self.bn1(self.depthwise_conv(x)))
+    squeezed = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.float32)
+    squeezed = self.se_expand(jax.nn.swish(self.se_reduce(
+        squeezed.astype(self.dtype))))
+    x = jax.nn.sigmoid(squeezed) * x
+    x = self.bn2(self.project_conv(x))
+    if self.has_skip:
+      if self.drop_connect is not None:
+        x = self.drop_connect(x, rngs=rngs)
+      x = x + inputs
+    return x
+
+  def torch_entries(self, prefix):
+    entries = {}
+    if self.expand_conv is not None:
+      entries.update(_conv_entries(f'{prefix}._expand_conv', self.expand_conv))
+      entries.update(self.bn0.torch_entries(f'{prefix}._bn0'))
+    entries[f'{prefix}._depthwise_conv.weight'] = (
+        self.depthwise_conv.kernel, 'depthwise')
+    entries.update(self.bn1.torch_entries(f'{prefix}._bn1'))
+    entries.update(_conv_entries(f'{prefix}._se_reduce', self.se_reduce))
+    entries.update(_conv_entries(f'{prefix}._se_expand', self.se_expand))
+    entries.update(_conv_entries(f'{prefix}._project_conv', self.project_conv))
+    entries.update(self.bn2.torch_entries(f'{prefix}._bn2'))
+    return entries
+
+
+class EfficientNet(nnx.Module):
+  """EfficientNet stem + MBConv blocks + SSD extra layers.
+
+  __call__(images [B, S, S, 3], mean-subtracted RGB) -> the feature maps fed
+  to the heads, largest first: the outputs of the last block of stages 3, 5
+  and 7 (strides 8, 16, 32), then one per extra level.
+  """
+
+  def __init__(self, *, width_coefficient=B3_WIDTH_COEFFICIENT,
+               depth_coefficient=B3_DEPTH_COEFFICIENT,
+               extras=((128, 256, 3, 2, 1), (128, 256, 3, 1, 0),
+                       (128, 256, 3, 1, 0)),
+               drop_connect_rate=0.2, dtype=jnp.float32, rngs):
+    self.dtype = dtype
+    stem, specs, stage_ends = block_specs(width_coefficient, depth_coefficient)
+    self.feature_indices = tuple(stage_ends[s] for s in FEATURE_STAGES)
+    self.conv_stem = _conv(3, stem, 3, 2, use_bias=False, dtype=dtype,
+                           rngs=rngs)
+    self.bn0 = BatchNorm(stem, dtype=dtype)
+    # Block i drops its residual branch with rate drop_connect_rate * i / n.
+    self.blocks = nnx.List([
+        MBConvBlock(spec, drop_connect_rate=drop_connect_rate * i / len(specs),
+                    dtype=dtype, rngs=rngs)
+        for i, spec in enumerate(specs)])
+    self.drop_connect_rngs = rngs.dropout.fork()
+    last = specs[-1].out_filters
+    self.extras = vgg.Extras(last, extras, dtype=dtype, rngs=rngs)
+    self.out_channels = tuple(specs[i].out_filters
+                              for i in self.feature_indices) + tuple(
+                                  e[1] for e in extras)
+
+  def __call__(self, images):
+    x = jax.nn.swish(self.bn0(self.conv_stem(images.astype(self.dtype))))
+    features = []
+    for i, block in enumerate(self.blocks):
+      x = block(x, rngs=self.drop_connect_rngs)
+      if i in self.feature_indices:
+        features.append(x)
+    return features + self.extras(x)
+
+  def torch_entries(self, prefix='backbone.'):
+    """{reference state-dict key: (our variable, kind)}, BatchNorm buffers too."""
+    entries = {}
+    for i, conv in enumerate(self.extras.extras):
+      entries.update(_conv_entries(f'{prefix}extras.{i // 2}.{2 * (i % 2)}',
+                                   conv))
+    entries[f'{prefix}_conv_stem.weight'] = (self.conv_stem.kernel, 'conv')
+    entries.update(self.bn0.torch_entries(f'{prefix}_bn0'))
+    for i, block in enumerate(self.blocks):
+      entries.update(block.torch_entries(f'{prefix}_blocks.{i}'))
+    return entries
+
+
+def build(config, *, dtype, rngs):
+  """The EfficientNet backbone of `config.model.backbone`."""
+  b = config.model.backbone
+  return EfficientNet(width_coefficient=b.width_coefficient,
+                      depth_coefficient=b.depth_coefficient,
+                      extras=tuple(tuple(e) for e in b.extras),
+                      drop_connect_rate=b.drop_connect_rate, dtype=dtype,
+                      rngs=rngs)
