@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +11,13 @@ import pytest
 from flax import nnx
 
 from configs import efficientnet_b3_ssd300_voc
-from ssd_jax import priors as priors_lib
+from ssd_jax import checkpointing
+from ssd_jax import models
+from ssd_jax import trainer
 from ssd_jax.models import efficientnet
 from ssd_jax.models import layers
-from ssd_jax.models import ssd
+from tests.tiny import tiny_config
+from tests.tiny import tiny_shapes_config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'models')
 NAME = 'efficient_net_b3_ssd300_voc0712'
@@ -40,24 +44,27 @@ def test_b3_blocks_as_reference():
   assert efficientnet.round_repeats(3, 1.4) == 5
 
 
-def test_same_padding_is_tf_style():
-  assert efficientnet.same_padding(300, 3, 2) == (0, 1)
-  assert efficientnet.same_padding(75, 5, 2) == (1, 2)
-  assert efficientnet.same_padding(38, 3, 2) == (0, 1)
-  assert efficientnet.same_padding(19, 5, 1) == (2, 2)
-  assert efficientnet.same_padding(19, 1, 1) == (0, 0)
+def _tf_same_padding(size, kernel, stride):
+  """The reference's Conv2dSamePadding pads (before, after) on one axis."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + kernel - size, 0)
+  return total // 2, total - total // 2
 
 
-@pytest.mark.parametrize('size,kernel,stride', [(300, 3, 2), (75, 5, 2),
-                                                (19, 5, 1), (10, 3, 2)])
-def test_same_padded_convs_match_torch(size, kernel, stride):
-  """Our 'SAME' convs against torch with the reference's explicit F.pad."""
+@pytest.mark.parametrize('size,kernel,stride,pads', [
+    (300, 3, 2, (0, 1)), (38, 5, 2, (1, 2)), (75, 5, 2, (2, 2)),
+    (19, 5, 1, (2, 2)),
+    (10, 3, 2, (0, 1))])
+def test_same_padded_convs_match_torch(size, kernel, stride, pads):
+  """Our 'SAME' convs against torch convs of the input padded as the
+  reference pads it: the odd pixel at the bottom / right."""
   torch = pytest.importorskip('torch')
   rng = np.random.RandomState(size + kernel)
   x = rng.randn(2, size, size, 6).astype(np.float32)
   dense = rng.randn(kernel, kernel, 6, 4).astype(np.float32)
   depthwise = rng.randn(kernel, kernel, 1, 6).astype(np.float32)
-  top, bottom = efficientnet.same_padding(size, kernel, stride)
+  top, bottom = _tf_same_padding(size, kernel, stride)
+  assert (top, bottom) == pads
   x_torch = torch.nn.functional.pad(torch.from_numpy(x.transpose(0, 3, 1, 2)),
                                     [top, bottom, top, bottom])
 
@@ -67,12 +74,12 @@ def test_same_padded_convs_match_torch(size, kernel, stride):
         stride=stride, groups=groups)
     return out.numpy().transpose(0, 2, 3, 1)
 
-  ours = layers.conv(jnp.asarray(x), jnp.asarray(dense), (stride, stride),
-                     'SAME')
+  ours = jax.jit(layers.conv, static_argnums=(2, 3))(
+      jnp.asarray(x), jnp.asarray(dense), (stride, stride), 'SAME')
   np.testing.assert_allclose(np.asarray(ours), torch_conv(dense, 1),
                              rtol=1e-5, atol=1e-4)
-  ours = layers.depthwise_conv(jnp.asarray(x), jnp.asarray(depthwise),
-                               (stride, stride), 'SAME')
+  ours = jax.jit(layers.depthwise_conv, static_argnums=(2, 3))(
+      jnp.asarray(x), jnp.asarray(depthwise), (stride, stride), 'SAME')
   np.testing.assert_allclose(np.asarray(ours), torch_conv(depthwise, 6),
                              rtol=1e-5, atol=1e-4)
 
@@ -86,11 +93,13 @@ def test_depthwise_conv_equals_grouped_conv(strides, padding, dilation):
   x = jnp.asarray(rng.randn(2, 9, 8, 5), jnp.float32)
   kernel = jnp.asarray(rng.randn(3, 3, 1, 5), jnp.float32)
 
+  @jax.jit
   def grouped(x, kernel):
     return jax.lax.conv_general_dilated(
         x, kernel, strides, padding, rhs_dilation=dilation,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=5)
 
+  @jax.jit
   def ours(x, kernel):
     return layers.depthwise_conv(x, kernel, strides, padding, dilation)
 
@@ -98,39 +107,13 @@ def test_depthwise_conv_equals_grouped_conv(strides, padding, dilation):
                              np.asarray(grouped(x, kernel)),
                              rtol=1e-5, atol=1e-5)
   weights = jnp.asarray(rng.randn(*grouped(x, kernel).shape), jnp.float32)
-  grads = jax.grad(lambda *a: jnp.sum(ours(*a) * weights), (0, 1))(x, kernel)
-  expected = jax.grad(lambda *a: jnp.sum(grouped(*a) * weights), (0, 1))(
-      x, kernel)
+  grads = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * weights),
+                           (0, 1)))(x, kernel)
+  expected = jax.jit(jax.grad(lambda *a: jnp.sum(grouped(*a) * weights),
+                              (0, 1)))(x, kernel)
   for g, e in zip(grads, expected):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5,
                                atol=1e-4)
-
-
-def test_batch_norm_follows_torch_momentum_and_unbiased_running_var():
-  torch = pytest.importorskip('torch')
-  rng = np.random.RandomState(0)
-  x = rng.randn(3, 5, 4, 6).astype(np.float32) * 3 + 1
-  reference = torch.nn.BatchNorm2d(6, momentum=0.01, eps=1e-3)
-  with torch.no_grad():
-    reference.weight.uniform_(0.5, 1.5)
-    reference.bias.normal_()
-  norm = efficientnet.BatchNorm(6)
-  norm.scale.set_value(jnp.asarray(reference.weight.detach().numpy()))
-  norm.bias.set_value(jnp.asarray(reference.bias.detach().numpy()))
-  x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2))
-  for _ in range(2):  # training: batch statistics, running stats updated
-    expected = reference(x_torch).detach().numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), expected,
-                               rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(norm.mean[...]),
-                             reference.running_mean.numpy(), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(norm.var[...]),
-                             reference.running_var.numpy(), rtol=1e-6)
-  reference.eval()
-  norm.use_running_average = True
-  expected = reference(x_torch).detach().numpy().transpose(0, 2, 3, 1)
-  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), expected,
-                             rtol=1e-5, atol=1e-5)
 
 
 def test_drop_connect_drops_whole_residual_branches_in_training_only():
@@ -139,41 +122,99 @@ def test_drop_connect_drops_whole_residual_branches_in_training_only():
                                    rngs=nnx.Rngs(0))
   rngs = nnx.Rngs(dropout=1).dropout
   x = jax.random.normal(jax.random.key(2), (64, 5, 5, 8))
+  residual = nnx.jit(lambda block, x, rngs: block(x, rngs=rngs) - x)
   block.eval()
-  branch = block(x) - x  # eval: no drop, no scaling
+  branch = residual(block, x, rngs)  # eval: no drop, no scaling
   block.train()
   block.set_attributes(use_running_average=True)  # same BN as in eval
-  out = block(x, rngs=rngs) - x
+  out = residual(block, x, rngs)
   kept = np.asarray(jnp.all(jnp.isclose(out, 2 * branch, atol=1e-5),
                             axis=(1, 2, 3)))
   dropped = np.asarray(jnp.all(out == 0, axis=(1, 2, 3)))
   assert np.all(kept ^ dropped)  # per example: all of it x 1/keep, or none
   assert 16 < kept.sum() < 48
-  assert not np.array_equal(np.asarray(block(x, rngs=rngs) - x), out)
+  assert not np.array_equal(np.asarray(residual(block, x, rngs)), out)
 
 
-def _recipe_state_dict():
-  """The README's deterministic weights for NAME, in module order."""
-  with open(os.path.join(FIXTURES, f'{NAME}_shapes.json')) as f:
-    shapes = json.load(f)
-  first_conv = next(k for k, s in shapes.items() if len(s) == 4)
-  state_dict = {}
-  for k, key in enumerate(sorted(shapes)):
-    shape = tuple(shapes[key])
-    rs = np.random.RandomState(4000 + k)
-    if key.endswith('num_batches_tracked'):
-      value = np.zeros(shape, np.int64)
-    elif key.endswith('running_mean'):
-      value = rs.normal(0, 0.1, shape)
-    elif key.endswith('running_var'):
-      value = rs.uniform(0.5, 1.5, shape)
-    elif key.endswith('.weight') and len(shape) == 1:
-      value = rs.uniform(0.5, 1.5, shape)
-    elif key.endswith('.weight'):
-      std = np.sqrt(1 / np.prod(shape[1:]))
-      value = rs.normal(0, std * (0.02 if key == first_conv else 1), shape)
-    else:
-      value = rs.normal(0, 0.01, shape)
-    state_dict[key] = value.astype(np.float32) if value.dtype == np.float64 \
-        else value
-  return {key: state_dict[key] for key in shapes}
+def _tiny_config(num_classes=4):
+  """A reduced EfficientNet (width 0.25, depth 0.5: 10 blocks, three of
+  them with drop-connect) on 64 px: feature maps 8, 4, 2 and one extra
+  level of 1."""
+  config = efficientnet_b3_ssd300_voc.get_config()
+  base = tiny_config(num_classes)
+  b = config.model.backbone
+  b.pretrained = ''
+  b.width_coefficient = 0.25
+  b.depth_coefficient = 0.5
+  b.extras = ((16, 32, 3, 2, 1),)
+  b.out_channels = (16, 32, 80, 32)
+  config.model.num_classes = num_classes
+  config.model.priors = base.model.priors
+  config.input.image_size = 64
+  config.data = base.data
+  config.solver.batch_size = base.solver.batch_size
+  return config
+
+
+@nnx.jit
+def _forward(model, images):
+  return model(images)
+
+
+def test_reduced_variant_builds_with_fitting_priors():
+  config = _tiny_config()
+  assert models.feature_map_sizes(config) == (8, 4, 2, 1)
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  assert len(model.backbone.blocks) == 10
+  assert model.backbone.out_channels == (16, 32, 80, 32)
+  assert [b.drop_connect is not None for b in model.backbone.blocks] == [
+      False] * 4 + [True, False, True, False, True, False]
+
+
+def test_bfloat16_keeps_batch_norm_statistics_float32():
+  config = _tiny_config()
+  config.model.dtype = 'bfloat16'
+  model = models.create_model(config)
+  images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3)) * 50
+  model.train()  # batch statistics (running averages updated), drop-connect
+  cls_train, box_train = _forward(model, images)
+  assert cls_train.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(box_train, np.float32)).all()
+  stats = jax.tree.leaves(nnx.state(model, nnx.BatchStat))
+  assert len(stats) == 2 * 30  # mean and var of 30 BatchNorms
+  assert all(x.dtype == jnp.float32 and np.isfinite(np.asarray(x)).all()
+             for x in stats)
+  assert all(x.dtype == jnp.float32
+             for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  model.eval()
+  cls_bf16, box_bf16 = _forward(model, images)
+  config.model.dtype = 'float32'
+  reference = models.create_model(config)
+  nnx.update(reference, nnx.state(model))  # same weights and statistics
+  reference.eval()
+  cls_f32, box_f32 = _forward(reference, images)
+  for low, high in ((cls_bf16, cls_f32), (box_bf16, box_f32)):
+    scale = float(jnp.abs(high).max())
+    assert float(jnp.abs(low.astype(jnp.float32) - high).max()) < 0.05 * scale
+
+
+def test_trains_checkpoints_and_evaluates(tmp_path):
+  config = tiny_shapes_config(tmp_path / 'shapes', num_train=8, num_test=4)
+  model_config = _tiny_config(len(config.data.class_names)).model
+  config.model = model_config
+  config.solver.max_iter = 2
+  config.save_step = 1
+  workdir = tmp_path / 'run'
+  trainer.train_and_evaluate(config, str(workdir))
+  log = (workdir / 'log.txt').read_text()
+  losses = [float(v) for v in re.findall(r'total_loss: (\S+) \(', log)]
+  assert len(losses) == 2 and np.all(np.isfinite(losses))
+  assert checkpointing.Checkpointer(str(workdir)).all_steps() == [1, 2]
+  with open(workdir / 'eval' / 'voc_2007_test_2.json') as f:
+    result = json.load(f)
+  assert result['step'] == 2 and 0 <= result['map'] <= 1
+  # The checkpoint holds the BatchNorm statistics, moved by training.
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  checkpointing.restore_model(checkpointing.Checkpointer(str(workdir)), model,
+                              2)
+  assert not np.allclose(np.asarray(model.backbone.bn0.var[...]), 1.0)

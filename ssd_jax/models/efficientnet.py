@@ -53,7 +53,8 @@ FEATURE_STAGES = (2, 4, 6)
 B3_WIDTH_COEFFICIENT = 1.2
 B3_DEPTH_COEFFICIENT = 1.4
 DEPTH_DIVISOR = 8
-BN_MOMENTUM = 0.99  # flax convention: running = 0.99 running + 0.01 batch
+# TF's BatchNorm decay 0.99 is PyTorch momentum 0.01 (the new batch's weight).
+BN_MOMENTUM = 0.01
 BN_EPSILON = 1e-3
 
 # ImageNet weights the reference loads (EfficientNet-PyTorch's B3 file).
@@ -104,66 +105,13 @@ def block_specs(width_coefficient, depth_coefficient):
           tuple(stage_ends))
 
 
-def same_padding(size, kernel, stride):
-  """TF 'SAME' padding of one axis: (before, after), the odd pixel after.
-
-  The output has ceil(size / stride) positions; e.g. a 3x3/2 conv on 300
-  pixels pads (0, 1), on 75 pixels (1, 1). Equal to jax.lax's 'SAME'.
-  """
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-
 def torch_default_init(fan_in):
   return vgg.torch_default_conv_init(fan_in)
 
 
-class BatchNorm(nnx.Module):
-  """PyTorch BatchNorm2d over the last axis of NHWC input.
-
-  Training normalises with the biased batch variance and updates the running
-  variance with the unbiased one (PyTorch's rule); `momentum` is flax's
-  (running = momentum * running + (1 - momentum) * batch). Statistics and
-  the normalisation constants are float32; the output has `dtype`.
-  `use_running_average` is set by model.train() / model.eval().
-  """
-
-  def __init__(self, num_features, *, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-               dtype=jnp.float32, use_running_average=False):
-    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.use_running_average = use_running_average
-
-  def __call__(self, x):
-    if self.use_running_average:
-      mean, var = self.mean[...], self.var[...]
-    else:
-      axes = tuple(range(x.ndim - 1))
-      x32 = x.astype(jnp.float32)
-      mean = jnp.mean(x32, axis=axes)
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
-      count = x.size // x.shape[-1]
-      unbiased = var * (count / max(count - 1, 1))
-      m = self.momentum
-      self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
-      self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(
-          unbiased)
-    multiplier = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
-    shift = self.bias[...] - mean * multiplier
-    return x.astype(self.dtype) * multiplier.astype(self.dtype) + shift.astype(
-        self.dtype)
-
-  def torch_entries(self, prefix):
-    return {f'{prefix}.weight': (self.scale, 'vector'),
-            f'{prefix}.bias': (self.bias, 'vector'),
-            f'{prefix}.running_mean': (self.mean, 'vector'),
-            f'{prefix}.running_var': (self.var, 'vector')}
+def _batch_norm(channels, dtype):
+  return layers.BatchNorm(channels, eps=BN_EPSILON, momentum=BN_MOMENTUM,
+                          dtype=dtype)
 
 
 def _conv(in_channels, out_channels, kernel, stride=1, *, use_bias,
@@ -175,13 +123,6 @@ def _conv(in_channels, out_channels, kernel, stride=1, *, use_bias,
                      use_bias=use_bias, dtype=dtype,
                      kernel_init=torch_default_init(fan_in),
                      bias_init=torch_default_init(fan_in), rngs=rngs)
-
-
-def _conv_entries(prefix, conv):
-  entries = {f'{prefix}.weight': (conv.kernel, 'conv')}
-  if conv.bias is not None:
-    entries[f'{prefix}.bias'] = (conv.bias, 'vector')
-  return entries
 
 
 class MBConvBlock(nnx.Module):
@@ -197,11 +138,10 @@ class MBConvBlock(nnx.Module):
     self.spec = spec
     self.dtype = dtype
     channels = spec.in_filters * spec.expand_ratio
-    bn = lambda c: BatchNorm(c, dtype=dtype)
     if spec.expand_ratio != 1:
       self.expand_conv = _conv(spec.in_filters, channels, 1, use_bias=False,
                                dtype=dtype, rngs=rngs)
-      self.bn0 = bn(channels)
+      self.bn0 = _batch_norm(channels, dtype)
     else:
       self.expand_conv = self.bn0 = None
     k = spec.kernel
@@ -209,7 +149,7 @@ class MBConvBlock(nnx.Module):
         channels, (k, k), strides=(spec.stride, spec.stride),
         padding='SAME', use_bias=False,
         dtype=dtype, kernel_init=torch_default_init(k * k), rngs=rngs)
-    self.bn1 = bn(channels)
+    self.bn1 = _batch_norm(channels, dtype)
     squeezed = max(1, int(spec.in_filters * spec.se_ratio))
     self.se_reduce = _conv(channels, squeezed, 1, use_bias=True, dtype=dtype,
                            rngs=rngs)
@@ -217,7 +157,7 @@ class MBConvBlock(nnx.Module):
                            rngs=rngs)
     self.project_conv = _conv(channels, spec.out_filters, 1, use_bias=False,
                               dtype=dtype, rngs=rngs)
-    self.bn2 = bn(spec.out_filters)
+    self.bn2 = _batch_norm(spec.out_filters, dtype)
     self.has_skip = spec.stride == 1 and spec.in_filters == spec.out_filters
     # drop_connect(rate 0) is the identity, as in the reference.
     self.drop_connect = (nnx.Dropout(drop_connect_rate, broadcast_dims=(1, 2, 3))
@@ -242,16 +182,41 @@ class MBConvBlock(nnx.Module):
   def torch_entries(self, prefix):
     entries = {}
     if self.expand_conv is not None:
-      entries.update(_conv_entries(f'{prefix}._expand_conv', self.expand_conv))
-      entries.update(self.bn0.torch_entries(f'{prefix}._bn0'))
-    entries[f'{prefix}._depthwise_conv.weight'] = (
-        self.depthwise_conv.kernel, 'depthwise')
-    entries.update(self.bn1.torch_entries(f'{prefix}._bn1'))
-    entries.update(_conv_entries(f'{prefix}._se_reduce', self.se_reduce))
-    entries.update(_conv_entries(f'{prefix}._se_expand', self.se_expand))
-    entries.update(_conv_entries(f'{prefix}._project_conv', self.project_conv))
-    entries.update(self.bn2.torch_entries(f'{prefix}._bn2'))
+      entries.update(layers.conv_entries(f'{prefix}._expand_conv',
+                                         self.expand_conv))
+      entries.update(layers.batch_norm_entries(f'{prefix}._bn0', self.bn0))
+    entries.update(layers.conv_entries(f'{prefix}._depthwise_conv',
+                                       self.depthwise_conv))
+    entries.update(layers.batch_norm_entries(f'{prefix}._bn1', self.bn1))
+    entries.update(layers.conv_entries(f'{prefix}._se_reduce', self.se_reduce))
+    entries.update(layers.conv_entries(f'{prefix}._se_expand', self.se_expand))
+    entries.update(layers.conv_entries(f'{prefix}._project_conv',
+                                       self.project_conv))
+    entries.update(layers.batch_norm_entries(f'{prefix}._bn2', self.bn2))
     return entries
+
+
+class ExtraLevel(nnx.Module):
+  """One extra feature level: a 1x1 conv to `mid` channels, then a k x k conv
+  (explicit symmetric padding), ReLU after each; Xavier-uniform kernels and
+  zero biases (the reference's reset_parameters)."""
+
+  def __init__(self, in_channels, mid, out, kernel, stride, padding, *,
+               dtype=jnp.float32, rngs):
+    conv = lambda i, o, k, s, p: layers.Conv(
+        i, o, (k, k), strides=(s, s), padding=((p, p), (p, p)), dtype=dtype,
+        kernel_init=nnx.initializers.xavier_uniform(),
+        bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.reduce = conv(in_channels, mid, 1, 1, 0)
+    self.conv = conv(mid, out, kernel, stride, padding)
+
+  def __call__(self, x):
+    return jax.nn.relu(self.conv(jax.nn.relu(self.reduce(x))))
+
+  def torch_entries(self, prefix):
+    """Keys of the reference's Sequential(conv, ReLU, conv, ReLU)."""
+    return {**layers.conv_entries(f'{prefix}.0', self.reduce),
+            **layers.conv_entries(f'{prefix}.2', self.conv)}
 
 
 class EfficientNet(nnx.Module):
@@ -272,15 +237,17 @@ class EfficientNet(nnx.Module):
     self.feature_indices = tuple(stage_ends[s] for s in FEATURE_STAGES)
     self.conv_stem = _conv(3, stem, 3, 2, use_bias=False, dtype=dtype,
                            rngs=rngs)
-    self.bn0 = BatchNorm(stem, dtype=dtype)
+    self.bn0 = _batch_norm(stem, dtype)
     # Block i drops its residual branch with rate drop_connect_rate * i / n.
     self.blocks = nnx.List([
         MBConvBlock(spec, drop_connect_rate=drop_connect_rate * i / len(specs),
                     dtype=dtype, rngs=rngs)
         for i, spec in enumerate(specs)])
     self.drop_connect_rngs = rngs.dropout.fork()
-    last = specs[-1].out_filters
-    self.extras = vgg.Extras(last, extras, dtype=dtype, rngs=rngs)
+    in_channels = [specs[-1].out_filters] + [e[1] for e in extras[:-1]]
+    self.extras = nnx.List([
+        ExtraLevel(c, *spec, dtype=dtype, rngs=rngs)
+        for c, spec in zip(in_channels, extras)])
     self.out_channels = tuple(specs[i].out_filters
                               for i in self.feature_indices) + tuple(
                                   e[1] for e in extras)
@@ -292,16 +259,18 @@ class EfficientNet(nnx.Module):
       x = block(x, rngs=self.drop_connect_rngs)
       if i in self.feature_indices:
         features.append(x)
-    return features + self.extras(x)
+    for extra in self.extras:
+      x = extra(x)
+      features.append(x)
+    return features
 
   def torch_entries(self, prefix='backbone.'):
     """{reference state-dict key: (our variable, kind)}, BatchNorm buffers too."""
     entries = {}
-    for i, conv in enumerate(self.extras.extras):
-      entries.update(_conv_entries(f'{prefix}extras.{i // 2}.{2 * (i % 2)}',
-                                   conv))
+    for level, extra in enumerate(self.extras):
+      entries.update(extra.torch_entries(f'{prefix}extras.{level}'))
     entries[f'{prefix}_conv_stem.weight'] = (self.conv_stem.kernel, 'conv')
-    entries.update(self.bn0.torch_entries(f'{prefix}_bn0'))
+    entries.update(layers.batch_norm_entries(f'{prefix}_bn0', self.bn0))
     for i, block in enumerate(self.blocks):
       entries.update(block.torch_entries(f'{prefix}_blocks.{i}'))
     return entries
