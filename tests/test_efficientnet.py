@@ -13,6 +13,7 @@ from flax import nnx
 from configs import efficientnet_b3_ssd300_voc
 from ssd_jax import checkpointing
 from ssd_jax import models
+from ssd_jax import torch_import
 from ssd_jax import trainer
 from ssd_jax.models import efficientnet
 from ssd_jax.models import layers
@@ -218,3 +219,59 @@ def test_trains_checkpoints_and_evaluates(tmp_path):
   checkpointing.restore_model(checkpointing.Checkpointer(str(workdir)), model,
                               2)
   assert not np.allclose(np.asarray(model.backbone.bn0.var[...]), 1.0)
+
+
+def test_imagenet_weights_load_as_the_reference_loads_them(tmp_path):
+  """The EfficientNet-PyTorch B3 file, non-strictly (as the reference's
+  load_state_dict(strict=False)): stem and blocks taken, the ImageNet head
+  (_conv_head, _bn1, _fc) skipped, the extra levels keep their init."""
+  torch = pytest.importorskip('torch')
+  config = _config()
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  # Concrete values without the (slow, eager) random initialisation.
+  arrays = nnx.state(model, nnx.Not(nnx.RngState))
+  nnx.update(model, jax.tree.map(lambda a: jnp.full(a.shape, 7.0, a.dtype),
+                                 arrays))
+  ours = model.backbone.torch_entries('')
+  extras = {k for k in ours if k.startswith('extras.')}
+  assert len(extras) == 12
+  rs = np.random.RandomState(0)
+  weights = {}
+  for key, (variable, kind) in ours.items():
+    if key in extras:
+      continue
+    shape = tuple(variable.shape)
+    if kind in ('conv', 'depthwise'):
+      shape = (shape[3], shape[2], shape[0], shape[1])
+    weights[key] = rs.normal(0, 0.1, shape).astype(np.float32)
+    if key.endswith('running_var'):
+      weights[key.replace('running_var', 'num_batches_tracked')] = np.array(0)
+  head = {'_conv_head.weight': (1536, 384, 1, 1), '_bn1.weight': (1536,),
+          '_bn1.bias': (1536,), '_bn1.running_mean': (1536,),
+          '_bn1.running_var': (1536,), '_fc.weight': (1000, 1536),
+          '_fc.bias': (1000,)}
+  weights.update({k: np.ones(s, np.float32) for k, s in head.items()})
+  path = tmp_path / 'efficientnet-b3-c8376fa2.pth'
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
+             path)
+
+  taken = torch_import.load_pretrained_backbone(model, str(path), config)
+  assert sorted(taken) == sorted(set(ours) - extras)
+  stem = np.asarray(model.backbone.conv_stem.kernel[...])
+  np.testing.assert_array_equal(stem, weights['_conv_stem.weight'].transpose(
+      2, 3, 1, 0))
+  depthwise = model.backbone.blocks[25].depthwise_conv.kernel[...]
+  np.testing.assert_array_equal(
+      np.asarray(depthwise),
+      weights['_blocks.25._depthwise_conv.weight'].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      np.asarray(model.backbone.blocks[3].bn1.var[...]),
+      weights['_blocks.3._bn1.running_var'])
+  for key in extras:
+    assert np.all(np.asarray(ours[key][0][...]) == 7.0)
+
+  weights['_blocks.0._se_reduce.weight'] = np.ones((8, 40, 1, 1), np.float32)
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()},
+             path)
+  with pytest.raises(ValueError, match=r'_blocks\.0\._se_reduce\.weight'):
+    torch_import.load_pretrained_backbone(model, str(path), config)
