@@ -12,7 +12,10 @@ classifier head (no conv_head / fc), returns the outputs of blocks 7, 17 and
 each) on top of the last block.
 
 All modules take and return NHWC activations; kernels are HWIO (depthwise
-kernels [kh, kw, 1, C] with feature_group_count = C).
+kernels [kh, kw, 1, C] with feature_group_count = C). Initialisation as
+the reference builds the model without ImageNet weights: PyTorch's default
+for the EfficientNet convs, Xavier-uniform kernels and zero biases for the
+extra levels, BatchNorm scale 1 and bias 0.
 """
 
 import math
@@ -25,8 +28,9 @@ from flax import nnx
 from ssd_jax.models import layers
 from ssd_jax.models import vgg
 
-# The EfficientNet-B0 stages, scaled per model by width/depth coefficients.
+
 class Stage(NamedTuple):
+  """One stage of EfficientNet-B0 (scaled per model by the coefficients)."""
   kernel: int
   repeats: int
   in_filters: int
@@ -81,6 +85,8 @@ def round_repeats(repeats, depth_coefficient):
 
 
 class BlockSpec(NamedTuple):
+  """One MBConv block: depthwise kernel size and stride, channels in and out,
+  expansion ratio, squeeze-excitation ratio (of the input channels)."""
   kernel: int
   stride: int
   in_filters: int
@@ -105,10 +111,6 @@ def block_specs(width_coefficient, depth_coefficient):
           tuple(stage_ends))
 
 
-def torch_default_init(fan_in):
-  return vgg.torch_default_conv_init(fan_in)
-
-
 def _batch_norm(channels, dtype):
   return layers.BatchNorm(channels, eps=BN_EPSILON, momentum=BN_MOMENTUM,
                           dtype=dtype)
@@ -121,8 +123,8 @@ def _conv(in_channels, out_channels, kernel, stride=1, *, use_bias,
   return layers.Conv(in_channels, out_channels, (kernel, kernel),
                      strides=(stride, stride), padding='SAME',
                      use_bias=use_bias, dtype=dtype,
-                     kernel_init=torch_default_init(fan_in),
-                     bias_init=torch_default_init(fan_in), rngs=rngs)
+                     kernel_init=vgg.torch_default_conv_init(fan_in),
+                     bias_init=vgg.torch_default_conv_init(fan_in), rngs=rngs)
 
 
 class MBConvBlock(nnx.Module):
@@ -148,7 +150,7 @@ class MBConvBlock(nnx.Module):
     self.depthwise_conv = layers.DepthwiseConv(
         channels, (k, k), strides=(spec.stride, spec.stride),
         padding='SAME', use_bias=False,
-        dtype=dtype, kernel_init=torch_default_init(k * k), rngs=rngs)
+        dtype=dtype, kernel_init=vgg.torch_default_conv_init(k * k), rngs=rngs)
     self.bn1 = _batch_norm(channels, dtype)
     squeezed = max(1, int(spec.in_filters * spec.se_ratio))
     self.se_reduce = _conv(channels, squeezed, 1, use_bias=True, dtype=dtype,
@@ -164,6 +166,8 @@ class MBConvBlock(nnx.Module):
                          if self.has_skip and drop_connect_rate > 0 else None)
 
   def __call__(self, inputs, *, rngs=None):
+    """inputs [B, H, W, in] -> [B, H', W', out]; `rngs`: the RngStream of the
+    drop-connect masks (needed in training when the block has one)."""
     x = inputs
     if self.expand_conv is not None:
       x = jax.nn.swish(self.bn0(self.expand_conv(x)))
