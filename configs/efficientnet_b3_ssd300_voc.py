@@ -24,7 +24,8 @@ def get_config():
   backbone.width_coefficient = efficientnet.B3_WIDTH_COEFFICIENT
   backbone.depth_coefficient = efficientnet.B3_DEPTH_COEFFICIENT
   # Training-only: block i of n skips its residual branch for an example with
-  # probability drop_connect_rate * i / n (the reference's 0.2).
+  # probability drop_connect_rate * i / n (the reference's 0.2), when the
+  # caller passes an RngStream to the backbone; the train step does not yet.
   backbone.drop_connect_rate = 0.2
   # Extra levels after the last block: (mid_channels, out_channels, kernel,
   # stride, padding), a 1x1 conv then a kernel x kernel conv, ReLU after each.

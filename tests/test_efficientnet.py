@@ -138,8 +138,7 @@ def test_drop_connect_drops_whole_residual_branches_in_training_only():
 
 
 def _tiny_config(num_classes=4):
-  """A reduced EfficientNet (width 0.25, depth 0.5: 10 blocks, three of
-  them with drop-connect) on 64 px: feature maps 8, 4, 2 and one extra
+  """A reduced EfficientNet (width 0.25, depth 0.5: 10 blocks) on 64 px: feature maps 8, 4, 2 and one extra
   level of 1."""
   config = efficientnet_b3_ssd300_voc.get_config()
   base = tiny_config(num_classes)
@@ -177,7 +176,7 @@ def test_bfloat16_keeps_batch_norm_statistics_float32():
   config.model.dtype = 'bfloat16'
   model = models.create_model(config)
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3)) * 50
-  model.train()  # batch statistics (running averages updated), drop-connect
+  model.train()  # batch statistics, running averages updated
   cls_train, box_train = _forward(model, images)
   assert cls_train.dtype == jnp.bfloat16
   assert np.isfinite(np.asarray(box_train, np.float32)).all()

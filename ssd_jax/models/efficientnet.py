@@ -167,7 +167,7 @@ class MBConvBlock(nnx.Module):
 
   def __call__(self, inputs, *, rngs=None):
     """inputs [B, H, W, in] -> [B, H', W', out]; `rngs`: the RngStream of the
-    drop-connect masks (needed in training when the block has one)."""
+    drop-connect masks (None: no drop-connect)."""
     x = inputs
     if self.expand_conv is not None:
       x = jax.nn.swish(self.bn0(self.expand_conv(x)))
@@ -178,7 +178,7 @@ class MBConvBlock(nnx.Module):
     x = jax.nn.sigmoid(squeezed) * x
     x = self.bn2(self.project_conv(x))
     if self.has_skip:
-      if self.drop_connect is not None:
+      if self.drop_connect is not None and rngs is not None:
         x = self.drop_connect(x, rngs=rngs)
       x = x + inputs
     return x
@@ -247,7 +247,6 @@ class EfficientNet(nnx.Module):
         MBConvBlock(spec, drop_connect_rate=drop_connect_rate * i / len(specs),
                     dtype=dtype, rngs=rngs)
         for i, spec in enumerate(specs)])
-    self.drop_connect_rngs = rngs.dropout.fork()
     in_channels = [specs[-1].out_filters] + [e[1] for e in extras[:-1]]
     self.extras = nnx.List([
         ExtraLevel(c, *spec, dtype=dtype, rngs=rngs)
@@ -256,11 +255,16 @@ class EfficientNet(nnx.Module):
                               for i in self.feature_indices) + tuple(
                                   e[1] for e in extras)
 
-  def __call__(self, images):
+  def __call__(self, images, *, rngs=None):
+    """`rngs`: an RngStream for drop-connect in training; None = none.
+
+    The module holds no RNG state (every variable is a reference state-dict
+    entry), so drop-connect needs the caller's stream.
+    """
     x = jax.nn.swish(self.bn0(self.conv_stem(images.astype(self.dtype))))
     features = []
     for i, block in enumerate(self.blocks):
-      x = block(x, rngs=self.drop_connect_rngs)
+      x = block(x, rngs=rngs)
       if i in self.feature_indices:
         features.append(x)
     for extra in self.extras:
