@@ -292,27 +292,3 @@ def test_shapes_demo_mobilenet_config_is_valid():
   assert config.model.backbone.name == 'mobilenet_v2'
   assert config.model.box_head.predictor == 'ssdlite'
   assert priors_lib.num_priors(config) == 628
-
-
-@pytest.mark.parametrize('kernel,stride', [(3, 1), (3, 2), (5, 1), (5, 2)])
-def test_depthwise_conv_cpu_kernel_equals_xla(kernel, stride):
-  rs = np.random.RandomState(kernel * 10 + stride)
-  x = jnp.asarray(rs.normal(size=(2, 9, 9, 6)), jnp.float32)
-  k = jnp.asarray(rs.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
-  pad = ((kernel // 2, kernel // 2),) * 2
-  weights = jnp.asarray(rs.normal(size=(2, 9 // stride + 9 % stride, 9 //
-                                        stride + 9 % stride, 6)), jnp.float32)
-
-  def loss(enabled):
-    def f(x, k):
-      with layers.cpu_kernels(enabled):
-        return jnp.sum(layers.depthwise_conv(x, k, (stride, stride), pad) *
-                       weights)
-    return f
-
-  with jax.default_matmul_precision('highest'):
-    ours = jax.value_and_grad(loss(True), argnums=(0, 1))(x, k)
-    xla = jax.value_and_grad(loss(False), argnums=(0, 1))(x, k)
-  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(xla)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                               atol=1e-5)

@@ -226,58 +226,9 @@ def conv2d(in_channels, out_channels, kernel_size, *, stride=1, padding=None,
   if groups == 1:
     return Conv(in_channels, out_channels, size, **kwargs)
   if groups == in_channels == out_channels:
-    return DepthwiseConv(in_channels, out_channels, size,
-                         feature_group_count=groups, **kwargs)
+    return DepthwiseConv(in_channels, size, **kwargs)
   return nnx.Conv(in_channels, out_channels, size,
                   feature_group_count=groups, **kwargs)
-
-
-class DepthwiseConv(nnx.Conv):
-  """nnx.Conv with feature_group_count = in = out channels (depthwise), NHWC.
-
-  Same parameters (`kernel` [kh, kw, 1, C], `bias` [C]) and outputs as
-  nnx.Conv. With the CPU kernels on (`cpu_kernels_enabled`) it runs as a sum
-  of kh * kw shifted, channel-scaled copies of the input
-  (`depthwise_conv`): XLA:CPU's grouped convolution takes 10-15x as long
-  forward + backward (a MobileNetV2 block's 3x3 at [32, 20, 20, 576]:
-  10 s against 0.69 s, stride 2: 3.6 s against 0.37 s, on the 2-core VM).
-  """
-
-  def __call__(self, x):
-    dtype = self.dtype or x.dtype
-    y = depthwise_conv(x.astype(dtype), self.kernel[...].astype(dtype),
-                       _pair(self.strides or 1), self.padding)
-    if self.bias is None:
-      return y
-    return y + self.bias[...].astype(dtype)
-
-
-def depthwise_conv(x, kernel, strides, padding):
-  """x [N, H, W, C] * kernel [kh, kw, 1, C], per channel -> [N, H', W', C].
-
-  `padding`: explicit ((top, bottom), (left, right)). Shifted multiply-adds
-  with the CPU kernels on, XLA's grouped convolution otherwise.
-  """
-  channels = x.shape[-1]
-  if not cpu_kernels_enabled():
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=channels)
-  kh, kw = kernel.shape[:2]
-  (top, bottom), (left, right) = padding
-  sh, sw = strides
-  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  out_h = (padded.shape[1] - kh) // sh + 1
-  out_w = (padded.shape[2] - kw) // sw + 1
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      window = padded[:, i:i + (out_h - 1) * sh + 1:sh,
-                      j:j + (out_w - 1) * sw + 1:sw, :]
-      term = window * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
 
 
 def relu6(x):
@@ -386,11 +337,14 @@ def depthwise_conv(x, kernel, strides=(1, 1), padding='SAME',
                    dilation=(1, 1)):
   """x [N, H, W, C] * kernel [kh, kw, 1, C] per channel -> [N, H', W', C].
 
-  XLA's grouped convolution, except on CPU, where it is the sum over kernel
-  taps of strided slices of the padded input times that tap's weights.
+  XLA's grouped convolution, except with the CPU kernels on
+  (`cpu_kernels_enabled`), where it is the sum over kernel taps of strided
+  slices of the padded input times that tap's weights: XLA:CPU's grouped
+  convolution is 10-45x slower (a MobileNetV2 block's 3x3 at
+  [32, 20, 20, 576], forward + backward: 10 s against 0.69 s).
   """
   channels = x.shape[-1]
-  if jax.default_backend() != 'cpu':
+  if not cpu_kernels_enabled():
     return jax.lax.conv_general_dilated(
         x, kernel, strides, padding, rhs_dilation=dilation,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
