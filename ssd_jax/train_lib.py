@@ -142,7 +142,7 @@ def normalize_images(images, pixel_mean):
   return images.astype(jnp.float32) - jnp.asarray(pixel_mean, jnp.float32)
 
 
-def loss_and_targets(model, batch, priors, config):
+def loss_and_targets(model, batch, priors, config, rngs=None):
   """Forward, on-device matching and MultiBox loss for one train batch.
 
   Args:
@@ -153,13 +153,15 @@ def loss_and_targets(model, batch, priors, config):
       [B,M] bool.
     priors: [P,4] center-form priors.
     config: the experiment config.
+    rngs: an RngStream for the model's stochastic layers (drop-connect),
+      or None.
 
   Returns:
     (total_loss, {'reg_loss', 'cls_loss', 'total_loss', 'num_positives'}).
   """
   m = config.model
   images = normalize_images(batch['image'], config.input.pixel_mean)
-  cls_logits, bbox_pred = model(images)
+  cls_logits, bbox_pred = model(images, rngs=rngs)
   loc_targets, cls_targets = targets.encode_targets(
       batch['boxes'], batch['labels'], batch['mask'], priors,
       iou_threshold=m.threshold, center_variance=m.center_variance,
@@ -197,9 +199,14 @@ def make_train_step(config, model_def, tx, mesh, priors=None,
       return _train_step(state, batch)
 
   def _train_step(state, batch):
+    # Stochastic layers (EfficientNet's drop-connect) draw from a key that is
+    # a function of (seed, step) alone, so a resumed run draws the same.
+    rngs = nnx.Rngs(dropout=jax.random.fold_in(
+        jax.random.key(config.seed), state.step)).dropout
+
     def loss_fn(params):
       model = nnx.merge(model_def.train, params, state.model_state, copy=True)
-      total, metrics = loss_and_targets(model, batch, priors, config)
+      total, metrics = loss_and_targets(model, batch, priors, config, rngs)
       return total, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
     grads, (metrics, model_state) = jax.grad(loss_fn, has_aux=True)(

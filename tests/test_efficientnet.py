@@ -172,6 +172,33 @@ def test_reduced_variant_builds_with_fitting_priors():
       False] * 4 + [True, False, True, False, True, False]
 
 
+
+def test_train_loss_applies_drop_connect_with_the_step_rngs():
+  """The train step's loss gets an RngStream (train_lib.loss_and_targets):
+  in training, different keys drop different residual branches; no stream
+  (or eval mode) is deterministic."""
+  from ssd_jax import priors as priors_lib  # pylint: disable=g-import-not-at-top
+  from ssd_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from ssd_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from tests.recipe import recipe_model  # pylint: disable=g-import-not-at-top
+  config = _tiny_config()
+  model = recipe_model(config)
+  batch = synthetic.synthetic_batch(config, 4)
+  priors = priors_lib.generate_priors(config)
+
+  @nnx.jit
+  def loss(model, key):
+    rngs = None if key is None else nnx.Rngs(dropout=key).dropout
+    return train_lib.loss_and_targets(model, batch, priors, config, rngs)[0]
+
+  model.train()
+  model.set_attributes(use_running_average=True)  # BN as in eval
+  losses = [float(loss(model, jax.random.key(k))) for k in range(4)]
+  assert len(set(losses)) > 1
+  assert float(loss(model, jax.random.key(0))) == losses[0]
+  model.eval()
+  assert float(loss(model, jax.random.key(0))) == float(loss(model, None))
+
 def test_bfloat16_keeps_batch_norm_statistics_float32():
   config = _tiny_config()
   config.model.dtype = 'bfloat16'

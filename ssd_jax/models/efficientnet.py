@@ -255,6 +255,9 @@ class EfficientNet(nnx.Module):
                               for i in self.feature_indices) + tuple(
                                   e[1] for e in extras)
 
+  # SSD passes the train step's RngStream (drop-connect) to this backbone.
+  uses_rngs = True
+
   def __call__(self, images, *, rngs=None):
     """`rngs`: an RngStream for drop-connect in training; None = none.
 

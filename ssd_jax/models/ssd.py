@@ -165,12 +165,19 @@ class SSD(nnx.Module):
                               m.priors.boxes_per_location, m.num_classes,
                               dtype=dtype, rngs=rngs)
 
-  def features(self, images):
-    """The feature maps fed to the heads, largest first."""
+  def features(self, images, *, rngs=None):
+    """The feature maps fed to the heads, largest first.
+
+    `rngs`: an RngStream for the backbone's stochastic layers in training
+    (EfficientNet's drop-connect, backbones with `uses_rngs`); others ignore
+    it.
+    """
+    if rngs is not None and getattr(self.backbone, 'uses_rngs', False):
+      return self.backbone(images, rngs=rngs)
     return self.backbone(images)
 
-  def __call__(self, images):
-    return self.box_head(self.features(images))
+  def __call__(self, images, *, rngs=None):
+    return self.box_head(self.features(images, rngs=rngs))
 
   def torch_entries(self):
     """{reference SSDDetector state-dict key: (variable, kind)}."""
