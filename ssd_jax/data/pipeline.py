@@ -128,7 +128,8 @@ def check_datasets(config, dataset_names=None):
 
   Raises:
     DatasetError: listing every problem found, each with its dataset and its
-      fix: model.num_classes that does not fit data.class_names, a missing
+      fix: model.num_classes that does not fit data.class_names (VOC-format
+      datasets) or a COCO annotation file's categories, a missing
       folder, split or TFDS dataset, a split without usable examples, object
       classes missing from data.class_names (unless
       data.skip_unknown_classes).
@@ -138,12 +139,10 @@ def check_datasets(config, dataset_names=None):
   train_names = set(config.data.train)
   class_names = tuple(config.data.class_names)
   problems = []
-  if config.model.num_classes != len(class_names):
-    problems.append(
-        f'model.num_classes is {config.model.num_classes} but '
-        f'data.class_names has {len(class_names)} names (background '
-        'included): make them agree, e.g. '
-        f'--config.model.num_classes={len(class_names)}.')
+  # COCO datasets take their class names from their annotation file (and
+  # load_index checks num_classes against it); the others use
+  # data.class_names.
+  uses_class_names = False
   counts = {}
   for name in dict.fromkeys(dataset_names):
     try:
@@ -151,6 +150,7 @@ def check_datasets(config, dataset_names=None):
     except (sources.DatasetNotFoundError, ValueError) as e:
       problems.append(f'dataset {name!r}: {e}')
       continue
+    uses_class_names |= index.coco is None
     counts[name] = index.counts
     if not len(index):
       problems.append(
@@ -165,6 +165,12 @@ def check_datasets(config, dataset_names=None):
           f'({listing}): add them to data.class_names (and '
           'model.num_classes), or pass '
           '--config.data.skip_unknown_classes=True to drop them.')
+  if uses_class_names and config.model.num_classes != len(class_names):
+    problems.insert(0,
+        f'model.num_classes is {config.model.num_classes} but '
+        f'data.class_names has {len(class_names)} names (background '
+        'included): make them agree, e.g. '
+        f'--config.model.num_classes={len(class_names)}.')
   if problems:
     raise DatasetError('Cannot use the datasets of this config:\n  ' +
                        '\n  '.join(problems))
