@@ -201,11 +201,13 @@ def make_train_step(config, model_def, tx, mesh, priors=None,
   def _train_step(state, batch):
     # Stochastic layers (EfficientNet's drop-connect) draw from a key that is
     # a function of (seed, step) alone, so a resumed run draws the same.
-    rngs = nnx.Rngs(dropout=jax.random.fold_in(
-        jax.random.key(config.seed), state.step)).dropout
+    dropout_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
 
     def loss_fn(params):
       model = nnx.merge(model_def.train, params, state.model_state, copy=True)
+      # Built inside the differentiated function: an RngStream's counter
+      # must be mutated at the trace level that created it.
+      rngs = nnx.Rngs(dropout=dropout_key).dropout
       total, metrics = loss_and_targets(model, batch, priors, config, rngs)
       return total, (metrics, nnx.state(model, nnx.Not(nnx.Param)))
 
