@@ -25,6 +25,21 @@ EXTRAS = ((1280, 512, 2, 0.2), (512, 256, 2, 0.25), (256, 256, 2, 0.5),
           (256, 64, 2, 0.25))
 
 
+def feature_maps(x, features, extras, first_map_layers):
+  """A MobileNet's maps for the heads: the output of features[:first_map_layers]
+  (stride 16), of all `features` (stride 32), then of each extra block."""
+  maps = []
+  for i, layer in enumerate(features):
+    x = layer(x)
+    if i == first_map_layers - 1:
+      maps.append(x)
+  maps.append(x)
+  for block in extras:
+    x = block(x)
+    maps.append(x)
+  return maps
+
+
 class InvertedResidual(nnx.Module):
   """1x1 expansion (skipped when the ratio is 1) + ReLU6, depthwise 3x3 +
   ReLU6, linear 1x1 projection; the input added when shapes allow."""
@@ -93,17 +108,8 @@ class MobileNetV2Backbone(nnx.Module):
 
   def __call__(self, x):
     """[B, S, S, 3] mean-subtracted -> list of 6 feature maps, largest first."""
-    x = x.astype(self.dtype)
-    maps = []
-    for i, layer in enumerate(self.features):
-      x = layer(x)
-      if i == FIRST_MAP_LAYERS - 1:
-        maps.append(x)
-    maps.append(x)
-    for block in self.extras:
-      x = block(x)
-      maps.append(x)
-    return maps
+    return feature_maps(x.astype(self.dtype), self.features, self.extras,
+                        FIRST_MAP_LAYERS)
 
   def torch_entries(self, prefix='backbone.'):
     """{reference key: (variable, kind)}; with prefix '' the keys of

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssd_jax.models import layers
+from ssd_jax.models import mobilenet_v2
 
 # kernel k, expansion t, output channels c, squeeze-excite, h-swish, stride s
 BLOCKS = (
@@ -154,17 +155,8 @@ class MobileNetV3Backbone(nnx.Module):
 
   def __call__(self, x):
     """[B, S, S, 3] mean-subtracted -> list of 6 feature maps, largest first."""
-    x = x.astype(self.dtype)
-    maps = []
-    for i, layer in enumerate(self.features):
-      x = layer(x)
-      if i == FIRST_MAP_LAYERS - 1:
-        maps.append(x)
-    maps.append(x)
-    for block in self.extras:
-      x = block(x)
-      maps.append(x)
-    return maps
+    return mobilenet_v2.feature_maps(x.astype(self.dtype), self.features,
+                                     self.extras, FIRST_MAP_LAYERS)
 
   def torch_entries(self, prefix='backbone.'):
     """{reference key: (variable, kind)}; with prefix '' the keys of the
