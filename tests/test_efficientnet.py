@@ -85,14 +85,17 @@ def test_same_padded_convs_match_torch(size, kernel, stride, pads):
                              rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('strides,padding,dilation', [
-    ((1, 1), 'SAME', (1, 1)), ((2, 2), 'SAME', (1, 1)),
-    ((2, 1), ((1, 0), (2, 1)), (1, 1)), ((1, 1), 'VALID', (2, 2))])
-def test_depthwise_conv_equals_grouped_conv(strides, padding, dilation):
-  """The CPU shifted-sum path: values and gradients of XLA's grouped conv."""
+@pytest.mark.parametrize('strides,padding,dilation,size', [
+    ((1, 1), 'SAME', (1, 1), 3), ((2, 2), 'SAME', (1, 1), 3),
+    ((2, 1), ((1, 0), (2, 1)), (1, 1), 3), ((1, 1), 'VALID', (2, 2), 3),
+    ((2, 2), 'SAME', (1, 1), 5), ((2, 2), ((2, 1), (0, 2)), (2, 1), 5)])
+def test_depthwise_conv_equals_grouped_conv(strides, padding, dilation, size):
+  """The CPU shifted-sum path and its hand-written gradient: values and
+  gradients of XLA's grouped conv (strides, dilations, asymmetric padding,
+  padded rows that no output reads)."""
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(2, 9, 8, 5), jnp.float32)
-  kernel = jnp.asarray(rng.randn(3, 3, 1, 5), jnp.float32)
+  kernel = jnp.asarray(rng.randn(size, size, 1, 5), jnp.float32)
 
   @jax.jit
   def grouped(x, kernel):

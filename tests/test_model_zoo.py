@@ -148,19 +148,45 @@ def test_bfloat16_keeps_batch_norm_statistics_float32(name):
     assert float(jnp.abs(low.astype(jnp.float32) - high).max()) < 0.05 * scale
 
 
-def test_batch_norm_follows_pytorch():
+@pytest.mark.parametrize('cpu_kernels', [True, False])
+def test_batch_norm_follows_pytorch(cpu_kernels):
+  """Values, running statistics and gradients of torch's BatchNorm2d, with
+  the CPU kernels' hand-written gradient and with plain XLA."""
   torch = pytest.importorskip('torch')
   rs = np.random.RandomState(0)
   x = rs.normal(2.0, 3.0, (4, 5, 5, 6)).astype(np.float32)
+  cotangent = rs.normal(0, 1, x.shape).astype(np.float32)
   ours = layers.BatchNorm(6, eps=1e-3, momentum=0.01)
   theirs = torch.nn.BatchNorm2d(6, eps=1e-3, momentum=0.01)
   ours.scale[...] = jnp.asarray(rs.uniform(0.5, 1.5, 6), jnp.float32)
-  theirs.weight.data = torch.from_numpy(np.asarray(ours.scale[...]))
-  x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2))
+  ours.bias[...] = jnp.asarray(rs.uniform(-1, 1, 6), jnp.float32)
+  theirs.weight.data = torch.from_numpy(np.array(ours.scale[...]))
+  theirs.bias.data = torch.from_numpy(np.array(ours.bias[...]))
+
+  def loss(model, x):
+    with layers.cpu_kernels(cpu_kernels):
+      y = model(x)
+    return jnp.sum(y * cotangent), y
+
   for _ in range(2):  # training mode: batch statistics, running update
-    y = ours(jnp.asarray(x))
-    expected = theirs(x_torch).detach().numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+    (_, y), (model_grads, x_grad) = nnx.value_and_grad(
+        loss, argnums=(0, 1), has_aux=True)(ours, jnp.asarray(x))
+    expected = theirs(x_torch)
+    (expected * torch.from_numpy(cotangent.transpose(0, 3, 1, 2))).sum(
+        ).backward()
+    np.testing.assert_allclose(
+        np.asarray(y), expected.detach().numpy().transpose(0, 2, 3, 1),
+        rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x_grad),
+                               x_torch.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model_grads.scale[...]),
+                               theirs.weight.grad.numpy(), rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model_grads.bias[...]),
+                               theirs.bias.grad.numpy(), rtol=1e-4, atol=1e-5)
+    theirs.zero_grad()
   np.testing.assert_allclose(np.asarray(ours.mean[...]),
                              theirs.running_mean.numpy(), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(ours.var[...]),
@@ -169,7 +195,8 @@ def test_batch_norm_follows_pytorch():
   theirs.eval()
   np.testing.assert_allclose(
       np.asarray(ours(jnp.asarray(x))),
-      theirs(x_torch).detach().numpy().transpose(0, 2, 3, 1),
+      theirs(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy(
+          ).transpose(0, 2, 3, 1),
       rtol=1e-5, atol=1e-5)
 
 
