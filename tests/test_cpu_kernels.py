@@ -1,7 +1,8 @@
 """The CPU-kernels switch: GPU graphs are plain XLA; both paths match the reference.
 
 `layers.cpu_kernels` decides whether the model uses its CPU-only custom-VJP
-kernels (Winograd, the bias gradient, the tiled max-pool gradient). These
+kernels (Winograd, the bias gradient, the tiled max-pool gradient, the
+depthwise convolution and BatchNorm gradients of the MobileNets). These
 tests check that with them off the train step's jaxpr holds no custom VJP
 and is exactly the jaxpr of the same step with each kernel replaced by its
 plain XLA definition, and that the step built for CPU devices has them on.
@@ -122,6 +123,21 @@ def test_train_step_without_cpu_kernels_is_the_plain_model(ssd300_config,
   monkeypatch.setattr(vgg, '_tiled_max_pool', reduce_window_max_pool)
   substituted = str(train_step_jaxpr(ssd300_config, cpu_kernels=True))
   assert substituted == plain
+
+
+@pytest.mark.parametrize('name', ['mobilenet_v2', 'mobilenet_v3'])
+def test_mobilenet_train_step_kernels_only_on_the_cpu_path(name):
+  """The MobileNets' CPU kernels (depthwise convolution, BatchNorm gradient)
+  are in the CPU train step and absent from the plain (GPU) one."""
+  from tests.tiny import tiny_mobilenet_config  # pylint: disable=g-import-not-at-top
+  config = tiny_mobilenet_config(name)
+  assert custom_vjp_functions(forward_jaxpr(config, False).jaxpr) == []
+  with_kernels = custom_vjp_functions(forward_jaxpr(config, True).jaxpr)
+  assert '_depthwise_taps' in with_kernels
+  assert '_batch_norm_fast_gradient' in with_kernels
+  plain = str(train_step_jaxpr(config, cpu_kernels=False))
+  assert 'custom_vjp' not in plain
+  assert str(train_step_jaxpr(config, cpu_kernels=True)) != plain
 
 
 def test_steps_choose_the_kernels_by_device_platform(monkeypatch):

@@ -1,7 +1,7 @@
-"""The convolution layer of the SSD model, tuned for XLA:CPU.
+"""The layers of the SSD models, tuned for XLA:CPU.
 
-Two departures from nnx.Conv, both for speed on CPU, both equal to it up to
-float rounding, both applied only while the CPU kernels are on (see
+Departures from nnx.Conv / plain autodiff, all for speed on CPU, all equal
+to them up to float rounding, all applied only while the CPU kernels are on (see
 `cpu_kernels` below; with them off every layer is plain XLA, for GPUs/TPUs
 and for export):
 
@@ -15,6 +15,10 @@ and for export):
   on the other layers). `add_bias` sums the rows of the [B*H, W*C] matrix,
   then the W rows of the [W, C] result: the same sums, in another order, at
   memory speed (the SSD300 train step at batch 4: 3% faster).
+* The MobileNet/EfficientNet layers: depthwise convolutions as sums of
+  shifted products (`depthwise_conv`) and training-mode BatchNorm, both
+  with hand-written gradients whose sums over (N, H, W) use the same order
+  (the MobileNetV2-SSDLite train step at batch 32, 160 px: 10.2 -> 1.9 s).
 """
 
 import functools
@@ -35,10 +39,12 @@ def cpu_kernels(enabled: bool):
   """Turns the CPU-only kernels on or off for the models traced inside.
 
   The CPU kernels are the custom-VJP rewrites that make XLA:CPU faster:
-  Winograd convolutions (`use_winograd`), the bias gradient of `add_bias`
-  and the max-pool gradient of `vgg.max_pool`. With `enabled=False` the
-  model is traced with plain XLA ops only (lax convolutions, `x + bias`,
-  `reduce_window`), the graph to compile for GPUs/TPUs or to export
+  Winograd convolutions (`use_winograd`), the bias gradient of `add_bias`,
+  the max-pool gradient of `vgg.max_pool`, the depthwise convolution
+  (`depthwise_conv`) and BatchNorm's training-mode gradient. With
+  `enabled=False` the model is traced with plain XLA ops only (lax
+  convolutions, grouped ones included, `x + bias`, `reduce_window`, BatchNorm
+  by autodiff), the graph to compile for GPUs/TPUs or to export
   (ssd_jax/export.py); the values agree up to float rounding.
 
   A context manager, thread-local, read when a model is traced; it is part
