@@ -130,7 +130,7 @@ for row in rows:
   r = row.get('result')
   extra = ''
   if r and 'data_wait_fraction' in r:
-    extra = (f"  data wait {r['data_wait_fraction']}, peak "
+    extra = (f"  data wait {r['data_wait_fraction']:.3f}, peak "
              f"{r['peak_memory_mib']} MiB")
   print(f"{row['name']:32s}",
         f"{r['images_per_sec']:9.1f} img/s{extra}" if r else row['error'])
