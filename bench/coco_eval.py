@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from bench import eval as eval_bench
 from configs import ssd300_coco
 from ssd_jax import box_ops
 from ssd_jax import coco_eval
@@ -71,13 +72,9 @@ class Info:
 
 def synthetic_image(rng, priors, config):
   """(logits [P, 81], regression [P, 4], (h, w), gt rows without ids)."""
-  num_priors, num_classes = len(priors), config.model.num_classes
+  num_classes = config.model.num_classes
   corners = box_ops.center_to_corner(priors)
-  logits = rng.standard_normal((num_priors, num_classes), np.float32) * 1.5
-  background = (np.float32(rng.uniform(8, 10))
-                + rng.standard_normal(num_priors, np.float32))
-  logits[:, 0] = background
-  regression = rng.standard_normal((num_priors, 4), np.float32) * 0.5
+  outputs = eval_bench.background_outputs(rng, len(priors), num_classes)
   height, width = SIZES[rng.integers(len(SIZES))]
   gt = []
   for _ in range(1 + rng.poisson(6.3)):
@@ -87,22 +84,10 @@ def synthetic_image(rng, priors, config):
     x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
     box = np.array([x / width, y / height, (x + w) / width,
                     (y + h) / height], np.float32)
-    iou = box_ops.pairwise_iou(corners, box[None])[:, 0]
-    strong = iou >= 0.5
-    weak = (iou >= 0.25) & ~strong
-    logits[strong, label] = background[strong] + rng.normal(
-        2.0, 1.5, strong.sum()).astype(np.float32)
-    logits[weak, label] = background[weak] + rng.normal(
-        -2.5, 1.5, weak.sum()).astype(np.float32)
-    target = box_ops.encode(
-        np.broadcast_to(box_ops.corner_to_center(box), (strong.sum(), 4)),
-        priors[strong], config.model.center_variance,
-        config.model.size_variance)
-    regression[strong] = target + rng.normal(0, 0.3, target.shape).astype(
-        np.float32)
+    eval_bench.plant_object(rng, outputs, priors, corners, box, label, config)
     gt.append((CATEGORY_IDS[label - 1], x, y, w, h, 0.7 * w * h,
                rng.uniform() < 0.01))
-  return logits, regression, (height, width), gt
+  return outputs[0], outputs[1], (height, width), gt
 
 
 def main():

@@ -49,15 +49,43 @@ from ssd_jax import voc_eval
 VOC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (374, 500))
 
 
-def synthetic_image(rng, priors, config):
-  """Trained-model-like outputs and ground truth of one image (see above)."""
-  num_priors, num_classes = len(priors), config.model.num_classes
-  corners = box_ops.center_to_corner(priors)
+def background_outputs(rng, num_priors, num_classes):
+  """Outputs of an image without objects: logits [P, C] with a dominant
+  background class, regression [P, 4] noise, the background logits [P]."""
   logits = rng.standard_normal((num_priors, num_classes), np.float32) * 1.5
   background = (np.float32(rng.uniform(8, 10))
                 + rng.standard_normal(num_priors, np.float32))
   logits[:, 0] = background
   regression = rng.standard_normal((num_priors, 4), np.float32) * 0.5
+  return logits, regression, background
+
+
+def plant_object(rng, outputs, priors, corners, box, label, config):
+  """Makes `outputs` (from background_outputs, updated in place) detect
+  `box` [x1, y1, x2, y2] (normalised) of class `label`: priors with IoU >=
+  0.5 score it above background and regress near it, those with IoU 0.25-0.5
+  score it below (candidates NMS and AP must deal with)."""
+  logits, regression, background = outputs
+  iou = box_ops.pairwise_iou(corners, box[None])[:, 0]
+  strong = iou >= 0.5
+  weak = (iou >= 0.25) & ~strong
+  logits[strong, label] = background[strong] + rng.normal(
+      2.0, 1.5, strong.sum()).astype(np.float32)
+  logits[weak, label] = background[weak] + rng.normal(
+      -2.5, 1.5, weak.sum()).astype(np.float32)
+  target = box_ops.encode(
+      np.broadcast_to(box_ops.corner_to_center(box), (strong.sum(), 4)),
+      priors[strong], config.model.center_variance,
+      config.model.size_variance)
+  regression[strong] = target + rng.normal(0, 0.3, target.shape).astype(
+      np.float32)
+
+
+def synthetic_image(rng, priors, config):
+  """Trained-model-like outputs and ground truth of one image (see above)."""
+  num_classes = config.model.num_classes
+  corners = box_ops.center_to_corner(priors)
+  outputs = background_outputs(rng, len(priors), num_classes)
   height, width = VOC_SIZES[rng.integers(len(VOC_SIZES))]
   boxes, labels = [], []
   for _ in range(1 + rng.poisson(1.4)):
@@ -66,25 +94,13 @@ def synthetic_image(rng, priors, config):
     cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
     box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2],
                    np.float32)
-    iou = box_ops.pairwise_iou(corners, box[None])[:, 0]
-    strong = iou >= 0.5
-    weak = (iou >= 0.25) & ~strong
-    logits[strong, label] = background[strong] + rng.normal(
-        2.0, 1.5, strong.sum()).astype(np.float32)
-    logits[weak, label] = background[weak] + rng.normal(
-        -2.5, 1.5, weak.sum()).astype(np.float32)
-    target = box_ops.encode(
-        np.broadcast_to(box_ops.corner_to_center(box), (strong.sum(), 4)),
-        priors[strong], config.model.center_variance,
-        config.model.size_variance)
-    regression[strong] = target + rng.normal(0, 0.3, target.shape).astype(
-        np.float32)
+    plant_object(rng, outputs, priors, corners, box, label, config)
     boxes.append(np.round(box * [width, height, width, height]))
     labels.append(label)
   gt = {'boxes': np.asarray(boxes, np.float32),
         'labels': np.asarray(labels, np.int64),
         'difficult': rng.uniform(size=len(labels)) < 0.1}
-  return logits, regression, (height, width), gt
+  return outputs[0], outputs[1], (height, width), gt
 
 
 def make_pool(config, priors, pool_size):

@@ -256,10 +256,13 @@ def make_predict_step(config, model_def, mesh=None, *, platform=None,
   along the batch axis of `mesh` (the state replicated), so that each host
   can read the rows of its own images.
 
-  `platform`: where the step runs (default: JAX's default backend);
-  `cpu_kernels` as in `make_train_step` (None: on exactly on CPU).
+  `platform`: where the step runs (default: the platform of `mesh`'s
+  devices, or JAX's default backend without a mesh); `cpu_kernels` as in
+  `make_train_step` (None: on exactly on CPU).
   """
-  platform = platform or jax.default_backend()
+  if platform is None:
+    platform = (mesh_platform(mesh) if mesh is not None
+                else jax.default_backend())
   use_cpu_kernels = _resolve_cpu_kernels(cpu_kernels, platform)
   pixel_mean = tuple(float(v) for v in config.input.pixel_mean)
 

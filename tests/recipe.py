@@ -134,3 +134,24 @@ def recipe_model(config, seed_base=4000):
   torch_import.load_detector_state_dict(
       model, generic_recipe_state_dict(shapes, seed_base))
   return model
+
+
+def import_recipe_checkpoint(tmp_path, config_file, *flags):
+  """The recipe state dict saved by torch as a reference checkpoint (step
+  120000), imported by `python -m ssd_jax.torch_import --config=config_file
+  *flags` into tmp_path/'imported'; returns that workdir."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  checkpoint = tmp_path / 'model_final.pth'
+  torch.save({'model': {k: torch.from_numpy(v)
+                        for k, v in recipe_state_dict().items()},
+              'iteration': 120000}, str(checkpoint))
+  workdir = tmp_path / 'imported'
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, '-m', 'ssd_jax.torch_import',
+                  f'--checkpoint={checkpoint}', f'--config={config_file}',
+                  *flags, f'--workdir={workdir}'],
+                 cwd=root, env=dict(os.environ, PYTHONPATH=root), check=True,
+                 capture_output=True)
+  return workdir

@@ -11,7 +11,7 @@ import pytest
 
 from ssd_jax import coco_eval
 from ssd_jax.data import coco
-from tests.recipe import recipe_state_dict
+from tests.recipe import import_recipe_checkpoint
 from tests.reference_data import fixture_path, load_fixture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,19 +84,11 @@ def _iou_xywh(a, b):
 
 
 def test_eval_cli_reproduces_the_reference_coco_evaluation(tmp_path):
-  torch = pytest.importorskip('torch')
-  checkpoint = tmp_path / 'model_final.pth'
-  torch.save({'model': {k: torch.from_numpy(v)
-                        for k, v in recipe_state_dict().items()},
-              'iteration': 120000}, str(checkpoint))
-  workdir = tmp_path / 'imported'
-  env = dict(os.environ, PYTHONPATH=ROOT)
+  pytest.importorskip('torch')
   # The reference ran its COCO recipe with NUM_CLASSES 21 (20 categories).
-  subprocess.run([sys.executable, '-m', 'ssd_jax.torch_import',
-                  f'--checkpoint={checkpoint}',
-                  '--config=configs/ssd300_coco.py',
-                  '--config.model.num_classes=21', f'--workdir={workdir}'],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
+  workdir = import_recipe_checkpoint(tmp_path, 'configs/ssd300_coco.py',
+                                     '--config.model.num_classes=21')
+  env = dict(os.environ, PYTHONPATH=ROOT)
   result = subprocess.run(
       [sys.executable, 'eval.py', f'--workdir={workdir}',
        f'--config.data.coco_root={COCO_TINY}'],

@@ -17,6 +17,7 @@ from ssd_jax import torch_import
 from ssd_jax import trainer
 from ssd_jax.models import efficientnet
 from ssd_jax.models import layers
+from tests.tiny import assert_bfloat16_close_to_float32
 from tests.tiny import tiny_config
 from tests.tiny import tiny_shapes_config
 
@@ -202,6 +203,7 @@ def test_train_loss_applies_drop_connect_with_the_step_rngs():
   model.eval()
   assert float(loss(model, jax.random.key(0))) == float(loss(model, None))
 
+
 def test_bfloat16_keeps_batch_norm_statistics_float32():
   config = _tiny_config()
   config.model.dtype = 'bfloat16'
@@ -217,16 +219,7 @@ def test_bfloat16_keeps_batch_norm_statistics_float32():
              for x in stats)
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  model.eval()
-  cls_bf16, box_bf16 = _forward(model, images)
-  config.model.dtype = 'float32'
-  reference = models.create_model(config)
-  nnx.update(reference, nnx.state(model))  # same weights and statistics
-  reference.eval()
-  cls_f32, box_f32 = _forward(reference, images)
-  for low, high in ((cls_bf16, cls_f32), (box_bf16, box_f32)):
-    scale = float(jnp.abs(high).max())
-    assert float(jnp.abs(low.astype(jnp.float32) - high).max()) < 0.05 * scale
+  assert_bfloat16_close_to_float32(model, config, images)
 
 
 def test_trains_checkpoints_and_evaluates(tmp_path):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.recipe import recipe_state_dict
+from tests.recipe import import_recipe_checkpoint
 from tests.reference_data import fixture_path, load_fixture
 
 torch = pytest.importorskip('torch')
@@ -15,16 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_imported_reference_weights_reproduce_voc_tiny_map(tmp_path):
-  checkpoint = tmp_path / 'model_final.pth'
-  torch.save({'model': {k: torch.from_numpy(v)
-                        for k, v in recipe_state_dict().items()},
-              'iteration': 120000}, str(checkpoint))
-  workdir = tmp_path / 'imported'
+  workdir = import_recipe_checkpoint(tmp_path, 'configs/ssd300_voc.py')
   env = dict(os.environ, PYTHONPATH=ROOT)
-  subprocess.run([sys.executable, '-m', 'ssd_jax.torch_import',
-                  f'--checkpoint={checkpoint}',
-                  '--config=configs/ssd300_voc.py', f'--workdir={workdir}'],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
   result = subprocess.run(
       [sys.executable, 'eval.py', f'--workdir={workdir}',
        f'--config.data.voc_root={fixture_path("voc_tiny")}'],

@@ -25,6 +25,7 @@ from ssd_jax.models import backbones
 from ssd_jax.models import layers
 from tests import recipe
 from tests.reference_data import load_fixture
+from tests.tiny import assert_bfloat16_close_to_float32
 from tests.tiny import tiny_mobilenet_config
 from tests.tiny import tiny_mobilenet_shapes_config
 
@@ -57,11 +58,6 @@ def zoo_config(name):
 def _forward_with_features(model, images):
   features = model.features(images)
   return model.box_head(features), features
-
-
-@nnx.jit
-def _forward(model, images):
-  return model(images)
 
 
 def _num_params(model):
@@ -135,17 +131,7 @@ def test_bfloat16_keeps_batch_norm_statistics_float32(name):
   assert stats and all(x.dtype == jnp.float32 for x in stats)
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  model.eval()
-  cls_bf16, box_bf16 = _forward(model, images)
-  assert cls_bf16.dtype == jnp.bfloat16
-  config.model.dtype = 'float32'
-  reference = nnx.eval_shape(lambda: models.create_model(config))
-  nnx.update(reference, nnx.state(model))  # same weights and statistics
-  reference.eval()
-  cls_f32, box_f32 = _forward(reference, images)
-  for low, high in ((cls_bf16, cls_f32), (box_bf16, box_f32)):
-    scale = float(jnp.abs(high).max())
-    assert float(jnp.abs(low.astype(jnp.float32) - high).max()) < 0.05 * scale
+  assert_bfloat16_close_to_float32(model, config, images)
 
 
 @pytest.mark.parametrize('cpu_kernels', [True, False])

@@ -17,6 +17,7 @@ from ssd_jax import checkpointing
 from ssd_jax import models
 from ssd_jax import trainer
 from tests.tiny import tiny_shapes_config
+from tests.tiny import tiny_shapes_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINE = re.compile(
@@ -87,29 +88,8 @@ def test_resume_after_kill_is_exact_and_extends(uninterrupted, data_root,
                                                  tmp_path):
   config, reference_dir = uninterrupted
   workdir = tmp_path / 'killed'
-  args = [sys.executable, 'train.py', '--config=configs/shapes_demo.py',
-          f'--workdir={workdir}']
-  overrides = {
-      'model.num_classes': config.model.num_classes,
-      'model.backbone.width_divisor': 16, 'model.backbone.batch_norm': True,
-      'model.backbone.out_channels': '(32, 64, 32, 32)',
-      'model.backbone.extras': '((16, 32, 3, 2, 1), (16, 32, 3, 2, 1))',
-      'model.priors.feature_maps': '(8, 4, 2, 1)',
-      'model.priors.strides': '(8, 16, 32, 64)',
-      'model.priors.min_sizes': '(10, 20, 36, 50)',
-      'model.priors.max_sizes': '(20, 36, 50, 64)',
-      'model.priors.aspect_ratios': '((2,), (2, 3), (2,), (2,))',
-      'model.priors.boxes_per_location': '(4, 6, 4, 4)',
-      'input.image_size': 64, 'data.voc_root': str(data_root),
-      'data.synthetic_shapes.num_train': 32,
-      'data.synthetic_shapes.num_test': 8,
-      'data.synthetic_shapes.image_size': 80, 'data.max_boxes': 8,
-      'solver.batch_size': 4, 'solver.warmup_iters': 2,
-      'solver.lr_steps': '(6,)', 'solver.lr': 1e-3,
-      'solver.weight_decay': 5e-4, 'test.batch_size': 4, 'log_step': 1,
-      'save_step': 4, 'keep_checkpoints': 5,
-  }
-  args += [f'--config.{k}={v}' for k, v in overrides.items()]
+  args = [sys.executable, 'train.py', f'--workdir={workdir}'] + (
+      tiny_shapes_flags(data_root))
   # The subprocess must build exactly the in-process config.
   assert config.solver.lr == 1e-3 and config.solver.weight_decay == 5e-4
   env = dict(os.environ, PYTHONPATH=ROOT)

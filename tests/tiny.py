@@ -135,3 +135,24 @@ def tiny_shapes_flags(root, num_train=32, num_test=8):
   }
   return ['--config=configs/shapes_demo.py'] + [
       f'--config.{key}={value}' for key, value in overrides.items()]
+
+
+def assert_bfloat16_close_to_float32(model, config, images):
+  """`model` (built with config.model.dtype='bfloat16') in eval mode gives
+  outputs within 5% of their magnitude of the float32 model with the same
+  weights and statistics; its class logits are bfloat16."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from ssd_jax import models  # pylint: disable=g-import-not-at-top
+  forward = nnx.jit(lambda model, images: model(images))
+  model.eval()
+  low_precision = forward(model, images)
+  assert low_precision[0].dtype == jnp.bfloat16
+  config = config.copy_and_resolve_references()
+  config.model.dtype = 'float32'
+  reference = nnx.eval_shape(lambda: models.create_model(config))
+  nnx.update(reference, nnx.state(model))
+  reference.eval()
+  for low, high in zip(low_precision, forward(reference, images)):
+    scale = float(jnp.abs(high).max())
+    assert float(jnp.abs(low.astype(jnp.float32) - high).max()) < 0.05 * scale

@@ -417,15 +417,20 @@ def _tap_sum(padded, kernel, out_size, strides, dilation, flip=False):
   out = None
   for i in range(kh):
     for j in range(kw):
-      top, left = i * dilation[0], j * dilation[1]
-      tap = jax.lax.slice(
-          padded, (0, top, left, 0),
-          (padded.shape[0], top + (out_size[0] - 1) * strides[0] + 1,
-           left + (out_size[1] - 1) * strides[1] + 1, padded.shape[3]),
-          (1, strides[0], strides[1], 1))
+      tap = _tap(padded, i, j, out_size, strides, dilation)
       weight = kernel[kh - 1 - i, kw - 1 - j, 0] if flip else kernel[i, j, 0]
       out = tap * weight if out is None else out + tap * weight
   return out
+
+
+def _tap(padded, i, j, out_size, strides, dilation):
+  """The [N, *out_size, C] window of `padded` that kernel tap (i, j) reads."""
+  top, left = i * dilation[0], j * dilation[1]
+  return jax.lax.slice(
+      padded, (0, top, left, 0),
+      (padded.shape[0], top + (out_size[0] - 1) * strides[0] + 1,
+       left + (out_size[1] - 1) * strides[1] + 1, padded.shape[3]),
+      (1, strides[0], strides[1], 1))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -452,17 +457,9 @@ def _depthwise_taps_bwd(strides, pads, dilation, residuals, dy):
   padded, kernel = residuals
   kh, kw = kernel.shape[:2]
   out_size = dy.shape[1:3]
-  kernel_grad = []
-  for i in range(kh):
-    for j in range(kw):
-      top, left = i * dilation[0], j * dilation[1]
-      tap = jax.lax.slice(
-          padded, (0, top, left, 0),
-          (padded.shape[0], top + (out_size[0] - 1) * strides[0] + 1,
-           left + (out_size[1] - 1) * strides[1] + 1, padded.shape[3]),
-          (1, strides[0], strides[1], 1))
-      kernel_grad.append(bias_gradient(tap * dy))
-  kernel_grad = jnp.stack(kernel_grad).reshape(kh, kw, 1, -1)
+  kernel_grad = jnp.stack([
+      bias_gradient(_tap(padded, i, j, out_size, strides, dilation) * dy)
+      for i in range(kh) for j in range(kw)]).reshape(kh, kw, 1, -1)
   # d padded[p] = sum_i dy_dilated[p - i*d] * kernel[i]: dy dilated by the
   # stride, padded by (k - 1) * d (and the rows/columns of `padded` that no
   # output reads), correlated with the flipped kernel.

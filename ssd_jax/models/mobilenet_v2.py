@@ -40,6 +40,22 @@ def feature_maps(x, features, extras, first_map_layers):
   return maps
 
 
+def backbone_entries(prefix, features, extras):
+  """A MobileNet's {reference key: (variable, kind)}: `features.i` (a
+  ConvBN's conv and norm as `.0` / `.1`, blocks by their own entries), then
+  `extras.i`, each under `prefix`."""
+  entries = {}
+  for i, layer in enumerate(features):
+    key = f'{prefix}features.{i}'
+    if isinstance(layer, layers.ConvBN):
+      entries.update(layer.torch_entries(f'{key}.0', f'{key}.1'))
+    else:
+      entries.update(layer.torch_entries(key))
+  for i, block in enumerate(extras):
+    entries.update(block.torch_entries(f'{prefix}extras.{i}'))
+  return entries
+
+
 class InvertedResidual(nnx.Module):
   """1x1 expansion (skipped when the ratio is 1) + ReLU6, depthwise 3x3 +
   ReLU6, linear 1x1 projection; the input added when shapes allow."""
@@ -114,16 +130,7 @@ class MobileNetV2Backbone(nnx.Module):
   def torch_entries(self, prefix='backbone.'):
     """{reference key: (variable, kind)}; with prefix '' the keys of
     torchvision's MobileNetV2 state dict (`features.*`)."""
-    entries = {}
-    for i, layer in enumerate(self.features):
-      key = f'{prefix}features.{i}'
-      if isinstance(layer, layers.ConvBN):
-        entries.update(layer.torch_entries(f'{key}.0', f'{key}.1'))
-      else:
-        entries.update(layer.torch_entries(key))
-    for i, block in enumerate(self.extras):
-      entries.update(block.torch_entries(f'{prefix}extras.{i}'))
-    return entries
+    return backbone_entries(prefix, self.features, self.extras)
 
 
 def build(config, *, dtype, rngs):

@@ -161,16 +161,7 @@ class MobileNetV3Backbone(nnx.Module):
   def torch_entries(self, prefix='backbone.'):
     """{reference key: (variable, kind)}; with prefix '' the keys of the
     reference's MobileNetV3 module (`features.*`, `extras.*`)."""
-    entries = {}
-    for i, layer in enumerate(self.features):
-      key = f'{prefix}features.{i}'
-      if isinstance(layer, layers.ConvBN):
-        entries.update(layer.torch_entries(f'{key}.0', f'{key}.1'))
-      else:
-        entries.update(layer.torch_entries(key))
-    for i, block in enumerate(self.extras):
-      entries.update(block.torch_entries(f'{prefix}extras.{i}'))
-    return entries
+    return mobilenet_v2.backbone_entries(prefix, self.features, self.extras)
 
 
 def build(config, *, dtype, rngs):
