@@ -1,8 +1,6 @@
 """EfficientNet-B3-SSD300: structure, layers and parity with the reference."""
 
-import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +12,12 @@ from configs import efficientnet_b3_ssd300_voc
 from ssd_jax import checkpointing
 from ssd_jax import models
 from ssd_jax import torch_import
-from ssd_jax import trainer
 from ssd_jax.models import efficientnet
 from ssd_jax.models import layers
 from tests.tiny import assert_bfloat16_close_to_float32
 from tests.tiny import tiny_config
 from tests.tiny import tiny_shapes_config
+from tests.tiny import train_and_check
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'models')
 NAME = 'efficient_net_b3_ssd300_voc0712'
@@ -229,14 +227,7 @@ def test_trains_checkpoints_and_evaluates(tmp_path):
   config.solver.max_iter = 2
   config.save_step = 1
   workdir = tmp_path / 'run'
-  trainer.train_and_evaluate(config, str(workdir))
-  log = (workdir / 'log.txt').read_text()
-  losses = [float(v) for v in re.findall(r'total_loss: (\S+) \(', log)]
-  assert len(losses) == 2 and np.all(np.isfinite(losses))
-  assert checkpointing.Checkpointer(str(workdir)).all_steps() == [1, 2]
-  with open(workdir / 'eval' / 'voc_2007_test_2.json') as f:
-    result = json.load(f)
-  assert result['step'] == 2 and 0 <= result['map'] <= 1
+  train_and_check(config, workdir)
   # The checkpoint holds the BatchNorm statistics, moved by training.
   model = nnx.eval_shape(lambda: models.create_model(config))
   checkpointing.restore_model(checkpointing.Checkpointer(str(workdir)), model,

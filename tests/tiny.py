@@ -156,3 +156,25 @@ def assert_bfloat16_close_to_float32(model, config, images):
   for low, high in zip(low_precision, forward(reference, images)):
     scale = float(jnp.abs(high).max())
     assert float(jnp.abs(low.astype(jnp.float32) - high).max()) < 0.05 * scale
+
+
+def train_and_check(config, workdir):
+  """trainer.train_and_evaluate(config) into `workdir`, then checks what
+  every run must leave: a finite logged loss for each iteration, a
+  checkpoint every save_step, the final evaluation JSON. Returns that JSON."""
+  import json  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
+  trainer.train_and_evaluate(config, str(workdir))
+  steps = config.solver.max_iter
+  log = (workdir / 'log.txt').read_text()
+  losses = [float(v) for v in re.findall(r'total_loss: (\S+) \(', log)]
+  assert len(losses) == steps and np.isfinite(losses).all()
+  assert checkpointing.Checkpointer(str(workdir)).all_steps() == list(
+      range(config.save_step, steps + 1, config.save_step))
+  with open(workdir / 'eval' / f'voc_2007_test_{steps}.json') as f:
+    result = json.load(f)
+  assert result['step'] == steps and 0 <= result['map'] <= 1
+  return result

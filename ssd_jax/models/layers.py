@@ -1,9 +1,9 @@
 """The layers of the SSD models, tuned for XLA:CPU.
 
 Departures from nnx.Conv / plain autodiff, all for speed on CPU, all equal
-to them up to float rounding, all applied only while the CPU kernels are on (see
-`cpu_kernels` below; with them off every layer is plain XLA, for GPUs/TPUs
-and for export):
+to them up to float rounding, all applied only while the CPU kernels are on
+(see `cpu_kernels` below; with them off every layer is plain XLA, for
+GPUs/TPUs and for export):
 
 * On CPU, 3x3 stride-1 convolutions that are wide enough (`use_winograd`)
   run as Winograd F(2x2, 3x3) (ssd_jax/models/winograd.py): for SSD300's
@@ -411,8 +411,8 @@ def depthwise_conv(x, kernel, strides=(1, 1), padding='SAME',
 
 
 def _tap_sum(padded, kernel, out_size, strides, dilation, flip=False):
-  """sum over taps (i, j) of padded[:, i*d : ... : s, j*d : ... : s, :] *
-  kernel[i, j, 0] (kernel[kh-1-i, kw-1-j, 0] with `flip`) -> [N, *out_size, C]."""
+  """-> [N, *out_size, C]: the sum over taps (i, j) of `_tap(padded, i, j)`
+  times kernel[i, j, 0] (kernel[kh-1-i, kw-1-j, 0] with `flip`)."""
   kh, kw = kernel.shape[:2]
   out = None
   for i in range(kh):
