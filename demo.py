@@ -23,7 +23,7 @@ from absl import logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
-                    'ssd_jax.torch_import.')
+                    'ssd_jax.interop.torch_import.')
 flags.DEFINE_string('images_dir', None, 'Folder of images.')
 flags.DEFINE_string('output_dir', None, 'Where the drawn images and '
                     'detections.json go.')
@@ -49,8 +49,8 @@ def main(argv):
     sys.exit(f'demo.py: --images_dir={FLAGS.images_dir} is not a folder')
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from ssd_jax import inference  # pylint: disable=g-import-not-at-top
-  from ssd_jax import visualize  # pylint: disable=g-import-not-at-top
+  from ssd_jax.deploy import inference  # pylint: disable=g-import-not-at-top
+  from ssd_jax.deploy import visualize  # pylint: disable=g-import-not-at-top
 
   names = image_files(FLAGS.images_dir)
   start = time.perf_counter()

@@ -14,11 +14,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ssd_jax import launch
+from ssd_jax.training import launch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
-                    'ssd_jax.torch_import.')
+                    'ssd_jax.interop.torch_import.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 launch.define_flags()
 
@@ -41,7 +41,7 @@ def _define_config_flag(argv):
   workdir = _flag_value(argv, 'workdir')
   if not workdir:
     sys.exit('eval.py: --workdir is required')
-  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   try:
     config = checkpointing.load_config(workdir)
   except FileNotFoundError as e:
@@ -59,8 +59,8 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required')
   launch.setup(FLAGS.config, FLAGS)
-  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
   try:
     results = trainer.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
   except checkpointing.CheckpointMismatchError as e:

@@ -11,7 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ssd_jax import launch
+from ssd_jax.training import launch
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -32,8 +32,8 @@ def main(argv):
   # per-scalar lines, Orbax's progress) to warnings.
   logging.set_verbosity(logging.WARNING)
   launch.setup(FLAGS.config, FLAGS)
-  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(FLAGS.config,
                                FLAGS.workdir or FLAGS.config.output_dir,

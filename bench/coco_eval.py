@@ -33,10 +33,10 @@ import numpy as np
 
 from bench import eval as eval_bench
 from configs import ssd300_coco
-from ssd_jax import box_ops
-from ssd_jax import coco_eval
-from ssd_jax import postprocess
-from ssd_jax import priors as priors_lib
+from ssd_jax.core import box_ops
+from ssd_jax.evaluation import coco_eval
+from ssd_jax.evaluation import postprocess
+from ssd_jax.core import priors as priors_lib
 
 CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,

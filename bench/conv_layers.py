@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssd_jax import train_lib
+from ssd_jax.training import train_lib
 from ssd_jax.models import layers
 from ssd_jax.models import winograd
 

@@ -28,10 +28,10 @@ import numpy as np
 
 from bench import eval as eval_bench
 from configs import ssd300_voc
-from ssd_jax import inference
-from ssd_jax import postprocess
-from ssd_jax import priors as priors_lib
-from ssd_jax import train_lib
+from ssd_jax.deploy import inference
+from ssd_jax.evaluation import postprocess
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.training import train_lib
 
 JPEGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), 'tests', 'fixtures', 'voc_tiny', 'VOC2007', 'JPEGImages')

@@ -40,11 +40,11 @@ import time
 import numpy as np
 
 from configs import ssd300_voc
-from ssd_jax import box_ops
-from ssd_jax import evaluate
-from ssd_jax import postprocess
-from ssd_jax import priors as priors_lib
-from ssd_jax import voc_eval
+from ssd_jax.core import box_ops
+from ssd_jax.evaluation import evaluate
+from ssd_jax.evaluation import postprocess
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.evaluation import voc_eval
 
 VOC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (374, 500))
 

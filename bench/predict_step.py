@@ -23,7 +23,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from ssd_jax import models
-from ssd_jax import train_lib
+from ssd_jax.training import train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/ssd300_voc.py',

@@ -125,9 +125,9 @@ def multibox_loss(confidence, predicted, labels, gt_locations, neg_pos_ratio=3):
 def encoded_targets(batch_size, seed=0):
   """Targets for synthetic boxes, encoded with ssd_jax's (reference-equal) code."""
   from configs import ssd300_voc  # pylint: disable=g-import-not-at-top
-  from ssd_jax import priors as priors_lib  # pylint: disable=g-import-not-at-top
-  from ssd_jax import targets  # pylint: disable=g-import-not-at-top
-  from ssd_jax import synthetic  # pylint: disable=g-import-not-at-top
+  from ssd_jax.core import priors as priors_lib  # pylint: disable=g-import-not-at-top
+  from ssd_jax.core import targets  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import synthetic  # pylint: disable=g-import-not-at-top
   config = ssd300_voc.get_config()
   batch = synthetic.synthetic_batch(config, batch_size, seed)
   loc, cls = targets.encode_targets(batch['boxes'], batch['labels'],

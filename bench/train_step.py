@@ -3,7 +3,7 @@
     python bench/train_step.py --config=configs/ssd300_voc.py --batch_size=8 \
         --steps=20 [--config.model.dtype=bfloat16]
 
-Synthetic batches (ssd_jax.synthetic): random mean-subtracted images and 1-6
+Synthetic batches (ssd_jax.training.synthetic): random mean-subtracted images and 1-6
 ground-truth boxes per image (VOC07+12 trainval averages about 2.4
 non-difficult objects per image), padded to data.max_boxes. Matching, loss, backward and the SGD update
 all run inside the timed step, as in training. Imports no TensorFlow.
@@ -25,9 +25,9 @@ import numpy as np
 from ml_collections import config_flags
 
 from ssd_jax import models
-from ssd_jax import optim
-from ssd_jax import synthetic
-from ssd_jax import train_lib
+from ssd_jax.training import optim
+from ssd_jax.training import synthetic
+from ssd_jax.training import train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/ssd300_voc.py',

@@ -52,7 +52,7 @@ def assert_similar_top_detections(det, boxes, labels, scores, *, top,
   score within score_atol, each of ours matched at most once; and the
   number of detections is the same.
   """
-  from ssd_jax import box_ops  # pylint: disable=g-import-not-at-top
+  from ssd_jax.core import box_ops  # pylint: disable=g-import-not-at-top
   assert len(det['labels']) == len(labels), (len(det['labels']), len(labels))
   iou = box_ops.pairwise_iou(np.asarray(boxes[:top], np.float32),
                              np.asarray(det['boxes'], np.float32), eps=0.0)

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax import box_ops
+from ssd_jax.core import box_ops
 
 
 def test_corner_center_round_trip_numpy_and_jax():

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import checkpointing
+from ssd_jax.training import checkpointing
 from tests.tiny import tiny_config
 
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from ssd_jax import coco_eval
+from ssd_jax.evaluation import coco_eval
 from ssd_jax.data import coco
 from tests.recipe import import_recipe_checkpoint
 from tests.reference_data import fixture_path, load_fixture

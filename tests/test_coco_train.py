@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from ssd_jax import trainer
+from ssd_jax.training import trainer
 from tests import coco_testing
 from tests import voc_testing
 from tests.tiny import tiny_config

@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 from ssd_jax import models
-from ssd_jax import optim
-from ssd_jax import train_lib
+from ssd_jax.training import optim
+from ssd_jax.training import train_lib
 from ssd_jax.models import layers
 from ssd_jax.models import vgg
 from ssd_jax.models import winograd
@@ -197,7 +197,7 @@ def run_reference_iterations(config, fixture, cpu_kernels):
     iteration 1, 3: after iteration 3}, the initial state dict), state dicts
     in the reference's layout.
   """
-  from ssd_jax import torch_import  # pylint: disable=g-import-not-at-top
+  from ssd_jax.interop import torch_import  # pylint: disable=g-import-not-at-top
   from tests.recipe import recipe_state_dict  # pylint: disable=g-import-not-at-top
   initial = recipe_state_dict()
   model = nnx.eval_shape(lambda: models.create_model(config))

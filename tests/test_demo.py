@@ -10,7 +10,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import ssd300_voc
-from ssd_jax import inference
+from ssd_jax.deploy import inference
 from ssd_jax import models
 from tests import tiny
 from tests import workdir_testing

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from configs import efficientnet_b3_ssd300_voc
-from ssd_jax import checkpointing
+from ssd_jax.training import checkpointing
 from ssd_jax import models
-from ssd_jax import torch_import
+from ssd_jax.interop import torch_import
 from ssd_jax.models import efficientnet
 from ssd_jax.models import layers
 from tests.tiny import assert_bfloat16_close_to_float32
@@ -179,9 +179,9 @@ def test_train_loss_applies_drop_connect_with_the_step_rngs():
   """The train step's loss gets an RngStream (train_lib.loss_and_targets):
   in training, different keys drop different residual branches; no stream
   (or eval mode) is deterministic."""
-  from ssd_jax import priors as priors_lib  # pylint: disable=g-import-not-at-top
-  from ssd_jax import synthetic  # pylint: disable=g-import-not-at-top
-  from ssd_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from ssd_jax.core import priors as priors_lib  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import synthetic  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import train_lib  # pylint: disable=g-import-not-at-top
   from tests.recipe import recipe_model  # pylint: disable=g-import-not-at-top
   config = _tiny_config()
   model = recipe_model(config)

@@ -11,10 +11,10 @@ import threading
 import jax
 import pytest
 
-from ssd_jax import checkpointing
-from ssd_jax import launch
-from ssd_jax import postprocess
-from ssd_jax import trainer
+from ssd_jax.training import checkpointing
+from ssd_jax.training import launch
+from ssd_jax.evaluation import postprocess
+from ssd_jax.training import trainer
 from ssd_jax.data import pipeline
 from ssd_jax.data import shapes
 from tests.tiny import tiny_shapes_config

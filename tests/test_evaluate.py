@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from configs import ssd300_voc
-from ssd_jax import evaluate
+from ssd_jax.evaluation import evaluate
 from ssd_jax import models
-from ssd_jax import postprocess
-from ssd_jax import torch_import
-from ssd_jax import train_lib
-from ssd_jax import voc_eval
+from ssd_jax.evaluation import postprocess
+from ssd_jax.interop import torch_import
+from ssd_jax.training import train_lib
+from ssd_jax.evaluation import voc_eval
 from tests import detection_checks
 from tests import recipe
 

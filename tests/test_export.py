@@ -1,4 +1,4 @@
-"""ssd_jax.export: ONNX, SavedModel and StableHLO equal the JAX model."""
+"""ssd_jax.deploy.export: ONNX, SavedModel and StableHLO equal the JAX model."""
 
 import os
 import subprocess
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssd_jax import box_ops
-from ssd_jax import export
+from ssd_jax.core import box_ops
+from ssd_jax.deploy import export
 from ssd_jax import models
-from ssd_jax import postprocess
-from ssd_jax import priors as priors_lib
-from ssd_jax import train_lib
+from ssd_jax.evaluation import postprocess
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.training import train_lib
 from tests import tiny
 from tests import workdir_testing
 
@@ -149,7 +149,7 @@ def test_cli(tiny_model, expected, tmp_path):
                                          step=3)
   output = tmp_path / 'out' / 'ssd.stablehlo'
   result = subprocess.run(
-      [sys.executable, '-m', 'ssd_jax.export', f'--workdir={workdir}',
+      [sys.executable, '-m', 'ssd_jax.deploy.export', f'--workdir={workdir}',
        '--format=stablehlo', f'--output={output}', '--batch_size=2'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
       text=True)

@@ -1,4 +1,4 @@
-"""Fine-tuning from a workdir written by ssd_jax.torch_import, and workdirs
+"""Fine-tuning from a workdir written by ssd_jax.interop.torch_import, and workdirs
 whose checkpoints do not fit the config."""
 
 import os
@@ -11,11 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from ssd_jax import checkpointing
+from ssd_jax.training import checkpointing
 from ssd_jax import models
-from ssd_jax import optim
-from ssd_jax import train_lib
-from ssd_jax import trainer
+from ssd_jax.training import optim
+from ssd_jax.training import train_lib
+from ssd_jax.training import trainer
 from tests.tiny import reference_state_dict, tiny_config, tiny_shapes_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ _IMPORT_WITHOUT_TORCH = '''
 import runpy, sys
 sys.modules['torch'] = None
 sys.argv = ['torch_import'] + sys.argv[1:]
-runpy.run_module('ssd_jax.torch_import', run_name='__main__')
+runpy.run_module('ssd_jax.interop.torch_import', run_name='__main__')
 '''
 
 

@@ -7,11 +7,11 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ['ssd_jax.box_ops', 'ssd_jax.priors', 'ssd_jax.targets',
-        'ssd_jax.losses', 'ssd_jax.models', 'ssd_jax.optim',
-        'ssd_jax.checkpointing', 'ssd_jax.torch_import']
-OPTIONAL_CORE = ['ssd_jax.train_lib', 'ssd_jax.postprocess', 'ssd_jax.voc_eval',
-                 'ssd_jax.inference', 'ssd_jax.export']
+CORE = ['ssd_jax.core.box_ops', 'ssd_jax.core.priors', 'ssd_jax.core.targets',
+        'ssd_jax.core.losses', 'ssd_jax.models', 'ssd_jax.training.optim',
+        'ssd_jax.training.checkpointing', 'ssd_jax.interop.torch_import']
+OPTIONAL_CORE = ['ssd_jax.training.train_lib', 'ssd_jax.evaluation.postprocess', 'ssd_jax.evaluation.voc_eval',
+                 'ssd_jax.deploy.inference', 'ssd_jax.deploy.export']
 
 
 def _imports_tensorflow(modules):

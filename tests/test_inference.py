@@ -9,12 +9,12 @@ from flax import nnx
 from PIL import Image
 
 from configs import ssd300_voc
-from ssd_jax import evaluate
-from ssd_jax import inference
+from ssd_jax.evaluation import evaluate
+from ssd_jax.deploy import inference
 from ssd_jax import models
-from ssd_jax import priors as priors_lib
-from ssd_jax import torch_import
-from ssd_jax import train_lib
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.interop import torch_import
+from ssd_jax.training import train_lib
 from tests import detection_checks
 from tests import recipe
 from tests import tiny

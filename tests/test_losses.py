@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import losses
+from ssd_jax.core import losses
 from tests.reference_data import load_fixture
 
 

@@ -1,8 +1,8 @@
 import logging
 
-from ssd_jax import metrics_log
+from ssd_jax.training import metrics_log
 from tests.tiny import tiny_config
-from ssd_jax import optim
+from ssd_jax.training import optim
 
 
 def test_log_line_reproduces_reference_format():

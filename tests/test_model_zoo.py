@@ -15,9 +15,9 @@ import pytest
 from flax import nnx
 
 from ssd_jax import models
-from ssd_jax import priors as priors_lib
-from ssd_jax import torch_import
-from ssd_jax import trainer
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.interop import torch_import
+from ssd_jax.training import trainer
 from ssd_jax.models import backbones
 from ssd_jax.models import layers
 from tests import recipe

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from ssd_jax import models
-from ssd_jax import priors as priors_lib
+from ssd_jax.core import priors as priors_lib
 from ssd_jax.models import vgg
 from tests.tiny import tiny_config
 

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from ssd_jax import optim
+from ssd_jax.training import optim
 from tests.reference_data import load_fixture
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import ssd300_voc
-from ssd_jax import box_ops
-from ssd_jax import postprocess
+from ssd_jax.core import box_ops
+from ssd_jax.evaluation import postprocess
 from tests import detection_checks
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')

@@ -1,6 +1,6 @@
 import numpy as np
 
-from ssd_jax import priors as priors_lib
+from ssd_jax.core import priors as priors_lib
 from tests.reference_data import load_fixture
 
 

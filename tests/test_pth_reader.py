@@ -1,4 +1,4 @@
-"""ssd_jax.pth_reader: files of torch.save read back without PyTorch.
+"""ssd_jax.interop.pth_reader: files of torch.save read back without PyTorch.
 
 Files are written with torch in this process and read in a subprocess where
 `import torch` fails, then compared bit for bit with the tensors saved.
@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from ssd_jax import pth_reader
+from ssd_jax.interop import pth_reader
 from tests.tiny import reference_state_dict, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ FORMATS = ('zip', 'legacy')
 _READ_WITHOUT_TORCH = '''
 import pickle, sys
 sys.modules['torch'] = None  # `import torch` raises ImportError
-from ssd_jax import pth_reader
+from ssd_jax.interop import pth_reader
 from tests.tiny import reference_state_dict, tiny_config
 objects = [pth_reader.load(path) for path in sys.argv[2:]]
 assert sys.modules['torch'] is None
@@ -267,7 +267,8 @@ import sys
 sys.modules['torch'] = None
 import numpy as np
 from flax import nnx
-from ssd_jax import models, torch_import
+from ssd_jax import models
+from ssd_jax.interop import torch_import
 from tests.tiny import tiny_config
 config = tiny_config()
 config.model.backbone.batch_norm = False

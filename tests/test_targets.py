@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax import box_ops
-from ssd_jax import targets
+from ssd_jax.core import box_ops
+from ssd_jax.core import targets
 from tests.reference_data import load_fixture
 
 

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from ssd_jax import models
-from ssd_jax import optim
-from ssd_jax import priors as priors_lib
-from ssd_jax import synthetic
-from ssd_jax import train_lib
+from ssd_jax.training import optim
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.training import synthetic
+from ssd_jax.training import train_lib
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +159,7 @@ def test_checkpoint_layout_round_trip(tiny):
 MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     assert jax.device_count() == 8, jax.devices()
-    from ssd_jax import train_lib
+    from ssd_jax.training import train_lib
     from tests.test_train_lib import _setup, synthetic_batch
     from tests.tiny import tiny_config
     config = tiny_config()

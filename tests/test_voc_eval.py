@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ssd_jax import voc_eval
+from ssd_jax.evaluation import voc_eval
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
 

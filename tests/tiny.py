@@ -86,7 +86,7 @@ def reference_state_dict(config, seed=0):
 
   {key: float32 array} with the keys (the model's `torch_entries`) and the
   layouts (OIHW convs) of lufficc/SSD's SSDDetector state dict, what
-  ssd_jax.torch_import reads. Convs N(0, sqrt(2 / fan_in)), vectors
+  ssd_jax.interop.torch_import reads. Convs N(0, sqrt(2 / fan_in)), vectors
   N(0, 0.01), the L2Norm scale 20. Models with convs and vectors only (VGG
   without BatchNorm).
   """
@@ -165,8 +165,8 @@ def train_and_check(config, workdir):
   import json  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from ssd_jax import trainer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
   trainer.train_and_evaluate(config, str(workdir))
   steps = config.solver.max_iter
   log = (workdir / 'log.txt').read_text()

@@ -2,7 +2,7 @@
 
 from flax import nnx
 
-from ssd_jax import checkpointing
+from ssd_jax.training import checkpointing
 
 
 def save_workdir(workdir, config, model, step=0):

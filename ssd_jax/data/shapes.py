@@ -30,7 +30,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ssd_jax import box_ops
+from ssd_jax.core import box_ops
 
 CLASS_NAMES = ('__background__', 'circle', 'square', 'triangle', 'cross')
 _HUES = {'circle': 0.0, 'square': 0.6, 'triangle': 0.33, 'cross': 0.15}

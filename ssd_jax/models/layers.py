@@ -45,7 +45,7 @@ def cpu_kernels(enabled: bool):
   `enabled=False` the model is traced with plain XLA ops only (lax
   convolutions, grouped ones included, `x + bias`, `reduce_window`, BatchNorm
   by autodiff), the graph to compile for GPUs/TPUs or to export
-  (ssd_jax/export.py); the values agree up to float rounding.
+  (ssd_jax/deploy/export.py); the values agree up to float rounding.
 
   A context manager, thread-local, read when a model is traced; it is part
   of jax.jit's cache key, so a jitted function called under both settings is

@@ -21,9 +21,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ssd_jax import losses
-from ssd_jax import priors as priors_lib
-from ssd_jax import targets
+from ssd_jax.core import losses
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.core import targets
 from ssd_jax.models import layers
 
 DATA_AXIS = 'data'

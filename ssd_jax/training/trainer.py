@@ -18,14 +18,14 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from ssd_jax import checkpointing
-from ssd_jax import evaluate
-from ssd_jax import metrics_log
+from ssd_jax.training import checkpointing
+from ssd_jax.evaluation import evaluate
+from ssd_jax.training import metrics_log
 from ssd_jax import models
-from ssd_jax import optim
-from ssd_jax import priors as priors_lib
-from ssd_jax import torch_import
-from ssd_jax import train_lib
+from ssd_jax.training import optim
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.interop import torch_import
+from ssd_jax.training import train_lib
 
 LOGGER_NAME = 'SSD.trainer'
 DEFAULT_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'ssd_jax')
@@ -257,7 +257,7 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
         state, restored['model'], restored.get('opt_state'), step=latest)
     if not has_opt_state:
       logger.info('The checkpoint has no optimizer state (a model imported '
-                  'with ssd_jax.torch_import?): fine-tuning with a fresh one, '
+                  'with ssd_jax.interop.torch_import?): fine-tuning with a fresh one, '
                   'learning-rate schedule at iteration %d', latest)
       state = state.replace(
           opt_state=optim.with_schedule_at(state.opt_state, latest))

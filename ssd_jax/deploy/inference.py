@@ -29,15 +29,15 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ssd_jax import checkpointing
+from ssd_jax.training import checkpointing
 from ssd_jax import models
-from ssd_jax import postprocess
-from ssd_jax import priors as priors_lib
-from ssd_jax import train_lib
+from ssd_jax.evaluation import postprocess
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.training import train_lib
 
 
 def load_model(workdir, step=None):
-  """The model of a workdir (train.py or ssd_jax.torch_import).
+  """The model of a workdir (train.py or ssd_jax.interop.torch_import).
 
   Args:
     workdir: holds config.json and checkpoints/<step>/.
@@ -202,7 +202,7 @@ class Detector:
   @classmethod
   def from_torch(cls, path, config, **kwargs):
     """The detector of a reference (lufficc/SSD) .pth checkpoint."""
-    from ssd_jax import torch_import  # pylint: disable=g-import-not-at-top
+    from ssd_jax.interop import torch_import  # pylint: disable=g-import-not-at-top
     return cls(torch_import.load_torch_checkpoint(path, config), config,
                **kwargs)
 

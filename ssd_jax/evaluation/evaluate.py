@@ -24,11 +24,11 @@ from jax.sharding import PartitionSpec
 import numpy as np
 import tqdm
 
-from ssd_jax import coco_eval
-from ssd_jax import postprocess
-from ssd_jax import train_lib
-from ssd_jax import visualize
-from ssd_jax import voc_eval
+from ssd_jax.evaluation import coco_eval
+from ssd_jax.evaluation import postprocess
+from ssd_jax.training import train_lib
+from ssd_jax.deploy import visualize
+from ssd_jax.evaluation import voc_eval
 
 
 def _image_id(value):

@@ -49,7 +49,7 @@ def load_config(workdir):
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'{path} not found: is {workdir!r} a workdir written by train.py or '
-        'ssd_jax.torch_import?')
+        'ssd_jax.interop.torch_import?')
   with open(path) as f:
     return ml_collections.ConfigDict(_lists_to_tuples(json.load(f)))
 
@@ -126,7 +126,7 @@ class Checkpointer:
   def has_opt_state(self, step):
     """Whether checkpoint `step` holds an optimizer state.
 
-    Those written by ssd_jax.torch_import hold the model only.
+    Those written by ssd_jax.interop.torch_import hold the model only.
     """
     self._check_step(step)
     return self._manager.item_metadata(step).get('opt_state') is not None
@@ -160,7 +160,7 @@ class Checkpointer:
       if saved.get('opt_state') is None:
         raise FileNotFoundError(
             f'{self.directory}/{step} has no optimizer state (a model-only '
-            'checkpoint, e.g. from ssd_jax.torch_import)')
+            'checkpoint, e.g. from ssd_jax.interop.torch_import)')
       targets['opt_state'] = opt_state
     for name, target in targets.items():
       self._check_fits(step, name, saved[name].tree, target)

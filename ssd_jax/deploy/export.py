@@ -1,8 +1,8 @@
 """The trained network, softmax and box decoding as a portable graph.
 
-    python -m ssd_jax.export --workdir=W --format=onnx --output=ssd.onnx
-    python -m ssd_jax.export --workdir=W --format=saved_model --output=DIR
-    python -m ssd_jax.export --workdir=W --format=stablehlo --output=ssd.shlo
+    python -m ssd_jax.deploy.export --workdir=W --format=onnx --output=ssd.onnx
+    python -m ssd_jax.deploy.export --workdir=W --format=saved_model --output=DIR
+    python -m ssd_jax.deploy.export --workdir=W --format=stablehlo --output=ssd.shlo
 
 The exported function (`serving_function`):
   images  float32 [B, S, S, 3]: RGB, 0..255, already resized to the model's
@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax import box_ops
-from ssd_jax import priors as priors_lib
-from ssd_jax import train_lib
+from ssd_jax.core import box_ops
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.training import train_lib
 from ssd_jax.models import layers
 
 FORMATS = ('onnx', 'saved_model', 'stablehlo')
@@ -229,7 +229,7 @@ def export(model, config, fmt, output, batch_size=None):
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from ssd_jax import inference  # pylint: disable=g-import-not-at-top
+  from ssd_jax.deploy import inference  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
@@ -245,7 +245,7 @@ def main(argv):
 def _run():
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
-                      'ssd_jax.torch_import.')
+                      'ssd_jax.interop.torch_import.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
   flags.DEFINE_enum('format', None, FORMATS, 'Export format.')
   flags.DEFINE_string('output', None, 'Output file (onnx, stablehlo) or '

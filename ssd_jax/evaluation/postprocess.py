@@ -34,7 +34,7 @@ import os
 
 import numpy as np
 
-from ssd_jax import box_ops
+from ssd_jax.core import box_ops
 
 # NMS first looks at this many candidates per detection asked for.
 _PREFIX_FACTOR = 4

@@ -7,7 +7,7 @@ boxes per image; no Python loop over images or boxes.
 import jax
 import jax.numpy as jnp
 
-from ssd_jax import box_ops
+from ssd_jax.core import box_ops
 
 
 def _match_one_image(boxes, labels, mask, priors_corner, iou_threshold):

@@ -15,7 +15,7 @@ weights [out, in] there and [in, out] here; BatchNorm running statistics are
 imported, `num_batches_tracked` is ignored.
 
 Command line (writes an Orbax checkpoint that eval.py can evaluate):
-  python -m ssd_jax.torch_import --checkpoint=F.pth \
+  python -m ssd_jax.interop.torch_import --checkpoint=F.pth \
       --config=configs/ssd300_voc.py --workdir=W
 """
 
@@ -24,7 +24,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax import pth_reader
+from ssd_jax.interop import pth_reader
 from ssd_jax.models import vgg as vgg_lib
 
 
@@ -99,7 +99,7 @@ def _to_numpy_state_dict(obj, source):
 def read_torch_file(path):
   """The object saved in a .pth file, tensors as numpy arrays.
 
-  Read by ssd_jax.pth_reader (no PyTorch needed; only tensors and plain
+  Read by ssd_jax.interop.pth_reader (no PyTorch needed; only tensors and plain
   values are unpickled, never code). Raises FileNotFoundError, or ValueError
   (pth_reader.PthReadError) for a file that is not a readable checkpoint.
   """
@@ -208,7 +208,7 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from ssd_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
   model = load_torch_checkpoint(flags.FLAGS.checkpoint, config)
   step = checkpoint_iteration(flags.FLAGS.checkpoint)

@@ -1,0 +1,1 @@
+"""Deployment: the Detector on images of any size, export, drawing."""

@@ -1,0 +1,1 @@
+"""Interop with the PyTorch reference: the .pth reader and the importer."""
