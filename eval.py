@@ -60,9 +60,9 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   launch.setup(FLAGS.config, FLAGS)
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.evaluation import workdir as workdir_eval  # pylint: disable=g-import-not-at-top
   try:
-    results = trainer.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
+    results = workdir_eval.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
   except checkpointing.CheckpointMismatchError as e:
     sys.exit(f'eval.py: {e}')
   import jax  # pylint: disable=g-import-not-at-top

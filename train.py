@@ -34,12 +34,13 @@ def main(argv):
   launch.setup(FLAGS.config, FLAGS)
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import resume  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(FLAGS.config,
                                FLAGS.workdir or FLAGS.config.output_dir,
                                allow_config_change=FLAGS.allow_config_change)
   except (checkpointing.CheckpointMismatchError,
-          trainer.ConfigChangedError) as e:
+          resume.ConfigChangedError) as e:
     sys.exit(f'train.py: {e}')
 
 

@@ -6,7 +6,7 @@ For each distinct convolution shape of SSD300's VGG16 reduced-fc backbone
 and its two largest classification heads (the extras and the smaller heads
 take little time), times the forward pass and forward + backward (gradients
 of input and kernel) in JAX, compiled twice (with XLA's default options, and
-with the options ssd_jax's steps use, `train_lib.compiler_options()`), and in
+with the options ssd_jax's steps use, `kernels.compiler_options()`), and in
 PyTorch, on the same shapes, one after the other in this process. Prints
 milliseconds per call and the ratio torch / jax (ssd_jax options) per layer,
 and the totals weighted by how often each shape occurs in the network. Use it
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import kernels
 from ssd_jax.models import layers
 from ssd_jax.models import winograd
 
@@ -132,7 +132,7 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--layers', default='', help='comma-separated names')
   args = parser.parse_args()
-  options = train_lib.compiler_options()
+  options = kernels.compiler_options()
   chosen = set(args.layers.split(',')) if args.layers else None
   keys = ('xla_default_fwd', 'jax_fwd', 'torch_fwd', 'xla_default_fwd_bwd',
           'jax_fwd_bwd', 'torch_fwd_bwd')

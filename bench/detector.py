@@ -31,7 +31,8 @@ from configs import ssd300_voc
 from ssd_jax.deploy import inference
 from ssd_jax.evaluation import postprocess
 from ssd_jax.core import priors as priors_lib
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import variables as variables_lib
 
 JPEGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), 'tests', 'fixtures', 'voc_tiny', 'VOC2007', 'JPEGImages')
@@ -65,10 +66,9 @@ def main():
   candidates = np.mean([len(r['scores']) for r in results])
 
   # Per-image loop.
-  model_def, params, model_state = train_lib.split_model(model)
-  train_state = train_lib.TrainState(step=0, params=params,
-                                     model_state=model_state, opt_state=None)
-  predict_step = train_lib.make_predict_step(config, model_def)
+  model_def, params, model_state = variables_lib.split_model(model)
+  train_state = variables_lib.ModelVariables(params=params, model_state=model_state)
+  predict_step = predict_lib.make_predict_step(config, model_def)
   priors = priors_lib.generate_priors(config)
 
   def one_image(path):

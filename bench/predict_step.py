@@ -23,7 +23,9 @@ import numpy as np
 from ml_collections import config_flags
 
 from ssd_jax import models
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import sharding
+from ssd_jax.runtime import variables as variables_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/ssd300_voc.py',
@@ -36,16 +38,15 @@ def main(argv):
   del argv
   config = FLAGS.config
   config.model.backbone.pretrained = ''
-  mesh = train_lib.create_mesh()
+  mesh = sharding.create_mesh()
   model = models.create_model(config)
-  model_def, params, model_state = train_lib.split_model(model)
+  model_def, params, model_state = variables_lib.split_model(model)
   state = jax.device_put(
-      train_lib.TrainState(step=np.int32(0), params=params,
-                           model_state=model_state, opt_state=None),
-      train_lib.replicated_sharding(mesh))
-  predict = train_lib.make_predict_step(config, model_def)
+      variables_lib.ModelVariables(params=params, model_state=model_state),
+      sharding.replicated_sharding(mesh))
+  predict = predict_lib.make_predict_step(config, model_def)
   size = config.input.image_size
-  images = train_lib.global_batch(
+  images = sharding.global_batch(
       np.random.RandomState(0).randint(
           0, 256, (FLAGS.batch_size, size, size, 3)).astype(np.uint8), mesh)
   start = time.perf_counter()

@@ -27,7 +27,8 @@ from ml_collections import config_flags
 from ssd_jax import models
 from ssd_jax.training import optim
 from ssd_jax.training import synthetic
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import sharding
+from ssd_jax.training import train_step as train_step_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/ssd300_voc.py',
@@ -50,12 +51,12 @@ class JaxStep:
   def __init__(self, config, batch_size):
     config.solver.batch_size = batch_size
     config.model.backbone.pretrained = ''
-    self.mesh = train_lib.create_mesh()
+    self.mesh = sharding.create_mesh()
     model = models.create_model(config)
     tx = optim.create_optimizer(config)
-    model_def, self.state = train_lib.create_train_state(model, tx, self.mesh)
-    self.step = train_lib.make_train_step(config, model_def, tx, self.mesh)
-    self.batch = train_lib.global_batch(synthetic.synthetic_batch(config, batch_size),
+    model_def, self.state = train_step_lib.create_train_state(model, tx, self.mesh)
+    self.step = train_step_lib.make_train_step(config, model_def, tx, self.mesh)
+    self.batch = sharding.global_batch(synthetic.synthetic_batch(config, batch_size),
                                         self.mesh)
     start = time.perf_counter()
     self.run(1)

@@ -18,7 +18,10 @@ from flax import nnx
 
 from ssd_jax import models
 from ssd_jax.training import optim
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import kernels
+from ssd_jax.runtime import sharding
+from ssd_jax.training import train_step as train_step_lib
+from ssd_jax.runtime import variables as variables_lib
 from ssd_jax.models import layers
 from ssd_jax.models import vgg
 from ssd_jax.models import winograd
@@ -44,8 +47,8 @@ def custom_vjp_functions(jaxpr):
 def abstract_train_state(config, tx):
   """SSD train state of `config` as shapes only (nothing initialised)."""
   model = nnx.eval_shape(lambda: models.create_model(config))
-  model_def, params, model_state = train_lib.split_model(model)
-  state = train_lib.TrainState(
+  model_def, params, model_state = variables_lib.split_model(model)
+  state = train_step_lib.TrainState(
       step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
       model_state=model_state, opt_state=jax.eval_shape(tx.init, params))
   return model_def, state
@@ -54,8 +57,8 @@ def abstract_train_state(config, tx):
 def train_step_jaxpr(config, cpu_kernels):
   tx = optim.create_optimizer(config)
   model_def, state = abstract_train_state(config, tx)
-  mesh = train_lib.create_mesh(jax.devices()[:1])
-  step = train_lib.make_train_step(config, model_def, tx, mesh,
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  step = train_step_lib.make_train_step(config, model_def, tx, mesh,
                                    cpu_kernels=cpu_kernels)
   b, s, m = 2, config.input.image_size, config.data.max_boxes
   batch = {'image': jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
@@ -153,7 +156,7 @@ def test_steps_choose_the_kernels_by_device_platform(monkeypatch):
   config = tiny_config()
   train_step_jaxpr(config, cpu_kernels=None)
   assert chosen == [all(d.platform == 'cpu' for d in jax.devices())]
-  assert train_lib.compiler_options('gpu') is None
+  assert kernels.compiler_options('gpu') is None
 
 
 def update_errors(fixture, iteration, ours, initial, relative_floor):
@@ -203,9 +206,9 @@ def run_reference_iterations(config, fixture, cpu_kernels):
   model = nnx.eval_shape(lambda: models.create_model(config))
   torch_import.load_detector_state_dict(model, initial)
   tx = optim.create_optimizer(config)
-  mesh = train_lib.create_mesh(jax.devices()[:1])
-  model_def, state = train_lib.create_train_state(model, tx, mesh)
-  step = train_lib.make_train_step(config, model_def, tx, mesh,
+  mesh = sharding.create_mesh(jax.devices()[:1])
+  model_def, state = train_step_lib.create_train_state(model, tx, mesh)
+  step = train_step_lib.make_train_step(config, model_def, tx, mesh,
                                    cpu_kernels=cpu_kernels)
   images = np.random.RandomState(int(fixture['image_seed'])).normal(
       0, 50, (3, 4, 3, 300, 300)).astype(np.float32).transpose(0, 1, 3, 4, 2)
@@ -219,7 +222,7 @@ def run_reference_iterations(config, fixture, cpu_kernels):
     mask = np.arange(max_boxes)[None] < num[:, None]
     batch = {'image': images[it], 'boxes': boxes * mask[..., None],
              'labels': labels * mask, 'mask': mask}
-    state, metrics = step(state, train_lib.global_batch(batch, mesh))
+    state, metrics = step(state, sharding.global_batch(batch, mesh))
     losses.append((float(metrics['reg_loss']), float(metrics['cls_loss'])))
     if it in (0, 2):
       trained = nnx.merge(model_def.train, state.params, state.model_state)

@@ -176,12 +176,12 @@ def test_reduced_variant_builds_with_fitting_priors():
 
 
 def test_train_loss_applies_drop_connect_with_the_step_rngs():
-  """The train step's loss gets an RngStream (train_lib.loss_and_targets):
+  """The train step's loss gets an RngStream (train_step_lib.loss_and_targets):
   in training, different keys drop different residual branches; no stream
   (or eval mode) is deterministic."""
   from ssd_jax.core import priors as priors_lib  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import synthetic  # pylint: disable=g-import-not-at-top
-  from ssd_jax.training import train_lib  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   from tests.recipe import recipe_model  # pylint: disable=g-import-not-at-top
   config = _tiny_config()
   model = recipe_model(config)
@@ -191,7 +191,7 @@ def test_train_loss_applies_drop_connect_with_the_step_rngs():
   @nnx.jit
   def loss(model, key):
     rngs = None if key is None else nnx.Rngs(dropout=key).dropout
-    return train_lib.loss_and_targets(model, batch, priors, config, rngs)[0]
+    return train_step_lib.loss_and_targets(model, batch, priors, config, rngs)[0]
 
   model.train()
   model.set_attributes(use_running_average=True)  # BN as in eval

@@ -15,6 +15,8 @@ from ssd_jax.training import checkpointing
 from ssd_jax.training import launch
 from ssd_jax.evaluation import postprocess
 from ssd_jax.training import trainer
+from ssd_jax.training import download
+from ssd_jax.training import resume
 from ssd_jax.data import pipeline
 from ssd_jax.data import shapes
 from tests.tiny import tiny_shapes_config
@@ -85,8 +87,8 @@ def test_batch_size_must_split_over_the_devices(data_root, tmp_path,
   with pytest.raises(ValueError, match=r'solver.batch_size=6 does not split '
                      r'over the 4 devices: use a multiple of 4, e.g. '
                      r'--config.solver.batch_size=4'):
-    trainer.check_batch_size(6, 4)
-  trainer.check_batch_size(8, 4)
+    resume.check_batch_size(6, 4)
+  resume.check_batch_size(8, 4)
   # In the trainer, before the input pipeline starts.
   monkeypatch.setattr(jax, 'device_count', lambda: 3)
   with pytest.raises(ValueError, match='solver.batch_size=4 does not split '
@@ -107,7 +109,7 @@ def test_resume_with_another_data_stream_or_optimizer(tmp_path, data_root):
   config.seed = 1
   config.solver.max_iter = 1000  # extending the run is fine
   config.test.batch_size = 2  # evaluation only: fine
-  with pytest.raises(trainer.ConfigChangedError) as error:
+  with pytest.raises(resume.ConfigChangedError) as error:
     trainer.train_and_evaluate(config, str(tmp_path))
   message = str(error.value)
   assert 'seed: 0 -> 1\n  solver.batch_size: 4 -> 8\n' in message
@@ -119,7 +121,7 @@ def test_resume_with_another_data_stream_or_optimizer(tmp_path, data_root):
   handler.emit = records.append
   logger = logging.getLogger('test_resume_config')
   logger.addHandler(handler)
-  trainer.check_resume_config(config, str(tmp_path), True, logger)
+  resume.check_resume_config(config, str(tmp_path), True, logger)
   assert 'solver.batch_size: 4 -> 8' in records[0].getMessage()
 
   # An imported checkpoint (no optimizer state) starts a fine-tuning run:
@@ -142,7 +144,7 @@ def test_pretrained_download_shared_cache(tmp_path):
   # Several downloaders at once: each its own temporary file, one result.
   paths = []
   threads = [threading.Thread(target=lambda: paths.append(
-      trainer.pretrained_path(url, str(cache), sha256=digest)))
+      download.pretrained_path(url, str(cache), sha256=digest)))
              for _ in range(4)]
   for thread in threads:
     thread.start()
@@ -153,16 +155,16 @@ def test_pretrained_download_shared_cache(tmp_path):
   assert (cache / 'vgg.pth').read_bytes() == source.read_bytes()
   # A damaged cached file is downloaded again.
   (cache / 'vgg.pth').write_bytes(b'')
-  assert trainer.pretrained_path(url, str(cache)) == str(cache / 'vgg.pth')
+  assert download.pretrained_path(url, str(cache)) == str(cache / 'vgg.pth')
   assert (cache / 'vgg.pth').read_bytes() == source.read_bytes()
   # A file with another hash is refused, and nothing is left in the cache.
-  with pytest.raises(trainer.PretrainedFileError,
+  with pytest.raises(download.PretrainedFileError,
                      match=f'sha256 {digest}, but model.backbone.pretrained'
                      '_sha256 is 00ff: another file'):
-    trainer.pretrained_path(url, str(tmp_path / 'other'), sha256='00ff')
+    download.pretrained_path(url, str(tmp_path / 'other'), sha256='00ff')
   assert os.listdir(tmp_path / 'other') == []
-  with pytest.raises(trainer.PretrainedFileError, match='sha256'):
-    trainer.pretrained_path(str(source), sha256='00ff')
+  with pytest.raises(download.PretrainedFileError, match='sha256'):
+    download.pretrained_path(str(source), sha256='00ff')
 
 
 def test_no_linux_only_calls_on_the_evaluation_path(monkeypatch):

@@ -15,7 +15,8 @@ from ssd_jax.evaluation import evaluate
 from ssd_jax import models
 from ssd_jax.evaluation import postprocess
 from ssd_jax.interop import torch_import
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import variables as variables_lib
 from ssd_jax.evaluation import voc_eval
 from tests import detection_checks
 from tests import recipe
@@ -74,11 +75,10 @@ def voc_tiny():
   # Abstract parameters (no random init, which is slow), then the recipe's.
   model = nnx.eval_shape(lambda: models.create_model(config))
   torch_import.load_detector_state_dict(model, recipe.recipe_state_dict())
-  model_def, params, model_state = train_lib.split_model(model)
-  state = train_lib.TrainState(step=0, params=params, model_state=model_state,
-                               opt_state=None)
+  model_def, params, model_state = variables_lib.split_model(model)
+  state = variables_lib.ModelVariables(params=params, model_state=model_state)
   # The predict step as the evaluator uses it: uint8 pixels in.
-  predict = train_lib.make_predict_step(config, model_def)
+  predict = predict_lib.make_predict_step(config, model_def)
 
   ref = np.load(os.path.join(FIXTURES, 'voc_tiny_dets.npz'))
   images = ref['test_inputs_uint8']

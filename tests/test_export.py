@@ -15,7 +15,8 @@ from ssd_jax.deploy import export
 from ssd_jax import models
 from ssd_jax.evaluation import postprocess
 from ssd_jax.core import priors as priors_lib
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import variables as variables_lib
 from tests import tiny
 from tests import workdir_testing
 
@@ -47,11 +48,10 @@ def expected(tiny_model):
   model, config = tiny_model
   images = np.random.default_rng(0).uniform(0, 255, (3, 64, 64, 3)).astype(
       np.float32)
-  model_def, params, model_state = train_lib.split_model(model)
-  state = train_lib.TrainState(step=0, params=params, model_state=model_state,
-                               opt_state=None)
+  model_def, params, model_state = variables_lib.split_model(model)
+  state = variables_lib.ModelVariables(params=params, model_state=model_state)
   # The predict step takes pixel values and subtracts the mean itself.
-  cls_logits, bbox_pred = train_lib.make_predict_step(config, model_def)(
+  cls_logits, bbox_pred = predict_lib.make_predict_step(config, model_def)(
       state, images)
   priors = priors_lib.generate_priors(config)
   boxes = box_ops.center_to_corner(box_ops.decode(
@@ -127,11 +127,10 @@ def test_graph_has_no_cpu_kernels():
   model = nnx.eval_shape(lambda: models.create_model(config))
   convs = sum(isinstance(m, nnx.Conv) for _, m in nnx.iter_graph(model))
   assert convs > 20
-  model_def, params, model_state = train_lib.split_model(model)
-  state = train_lib.TrainState(step=0, params=params, model_state=model_state,
-                               opt_state=None)
+  model_def, params, model_state = variables_lib.split_model(model)
+  state = variables_lib.ModelVariables(params=params, model_state=model_state)
   images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
-  on_cpu = jax.jit(lambda s, x: train_lib.predict(model_def, s, x)).lower(
+  on_cpu = jax.jit(lambda s, x: predict_lib.predict(model_def, s, x)).lower(
       state, images).as_text()
   fn, variables = export.serving_function(model, config)
   exported = jax.jit(fn).lower(variables, images).as_text()

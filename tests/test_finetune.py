@@ -14,8 +14,10 @@ import pytest
 from ssd_jax.training import checkpointing
 from ssd_jax import models
 from ssd_jax.training import optim
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import sharding
+from ssd_jax.training import train_step as train_step_lib
 from ssd_jax.training import trainer
+from ssd_jax.evaluation import workdir as workdir_eval
 from tests.tiny import reference_state_dict, tiny_config, tiny_shapes_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,8 +72,8 @@ def _import(tmp_path, config):
 def _train_state_targets(config):
   model = models.create_model(config)
   tx = optim.create_optimizer(config)
-  _, state = train_lib.create_train_state(model, tx, train_lib.create_mesh())
-  return train_lib.state_to_checkpoint(state)
+  _, state = train_step_lib.create_train_state(model, tx, sharding.create_mesh())
+  return train_step_lib.state_to_checkpoint(state)
 
 
 def test_train_continues_from_an_imported_checkpoint(tmp_path):
@@ -141,7 +143,7 @@ def test_checkpoint_of_another_model_is_one_clear_error(tmp_path, change,
   if change == 'width':
     other.model.backbone.width_divisor = 8
     other.model.backbone.out_channels = (64, 128, 32, 32)
-  for run in (trainer.train_and_evaluate, trainer.evaluate_workdir):
+  for run in (trainer.train_and_evaluate, workdir_eval.evaluate_workdir):
     with pytest.raises(checkpointing.CheckpointMismatchError,
                        match=expected) as error:
       run(other, workdir)

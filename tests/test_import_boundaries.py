@@ -10,8 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = ['ssd_jax.core.box_ops', 'ssd_jax.core.priors', 'ssd_jax.core.targets',
         'ssd_jax.core.losses', 'ssd_jax.models', 'ssd_jax.training.optim',
         'ssd_jax.training.checkpointing', 'ssd_jax.interop.torch_import']
-OPTIONAL_CORE = ['ssd_jax.training.train_lib', 'ssd_jax.evaluation.postprocess', 'ssd_jax.evaluation.voc_eval',
-                 'ssd_jax.deploy.inference', 'ssd_jax.deploy.export']
+OPTIONAL_CORE = ['ssd_jax.training.train_step', 'ssd_jax.runtime.sharding',
+                 'ssd_jax.runtime.kernels', 'ssd_jax.runtime.variables',
+                 'ssd_jax.runtime.predict', 'ssd_jax.evaluation.postprocess',
+                 'ssd_jax.evaluation.voc_eval', 'ssd_jax.deploy.inference',
+                 'ssd_jax.deploy.export']
 
 
 def _imports_tensorflow(modules):

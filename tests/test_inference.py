@@ -14,7 +14,8 @@ from ssd_jax.deploy import inference
 from ssd_jax import models
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.interop import torch_import
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import variables as variables_lib
 from tests import detection_checks
 from tests import recipe
 from tests import tiny
@@ -100,10 +101,9 @@ def test_detections_equal_evaluation(tiny_voc, tiny_detector):
   """Detector on the JPEG files == evaluate() on the eval input pipeline."""
   from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   model, config = tiny_voc
-  model_def, params, model_state = train_lib.split_model(model)
-  state = train_lib.TrainState(step=0, params=params, model_state=model_state,
-                               opt_state=None)
-  predict_step = train_lib.make_predict_step(config, model_def)
+  model_def, params, model_state = variables_lib.split_model(model)
+  state = variables_lib.ModelVariables(params=params, model_state=model_state)
+  predict_step = predict_lib.make_predict_step(config, model_def)
   result = evaluate.evaluate(
       lambda images: predict_step(state, images),
       pipeline.create_eval_iterator(config, 'voc_2007_test', batch_size=4,

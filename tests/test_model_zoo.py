@@ -17,7 +17,7 @@ from flax import nnx
 from ssd_jax import models
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.interop import torch_import
-from ssd_jax.training import trainer
+from ssd_jax.evaluation import workdir as workdir_eval
 from ssd_jax.models import backbones
 from ssd_jax.models import layers
 from tests import recipe
@@ -285,7 +285,7 @@ def test_mobilenet_trains_and_evaluates_end_to_end(tmp_path):
   config.save_step = 2
   workdir = tmp_path / 'run'
   result = train_and_check(config, workdir)
-  restored = trainer.evaluate_workdir(config, str(workdir))
+  restored = workdir_eval.evaluate_workdir(config, str(workdir))
   assert restored['voc_2007_test']['map'] == pytest.approx(result['map'])
 
 

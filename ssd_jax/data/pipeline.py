@@ -24,7 +24,7 @@ counted in `iterator.stats`.
 
 Images leave the pipeline as RGB pixel values, not mean-subtracted; the
 train and predict steps subtract input.pixel_mean on the device
-(train_lib.normalize_images). Eval images are uint8, exactly the reference's
+(predict_lib.normalize_images). Eval images are uint8, exactly the reference's
 (its resize yields uint8): a quarter of float32's bytes. Train images are
 the augmentation's float32 values, which the photometric distortion takes
 beyond 0..255; input.train_image_dtype='uint8' sends them rounded and

@@ -37,8 +37,9 @@ import numpy as np
 
 from ssd_jax.core import box_ops
 from ssd_jax.core import priors as priors_lib
-from ssd_jax.training import train_lib
-from ssd_jax.models import layers
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import variables as variables_lib
+from ssd_jax.runtime import kernels
 
 FORMATS = ('onnx', 'saved_model', 'stablehlo')
 ONNX_OPSET = 18
@@ -55,19 +56,17 @@ def serving_function(model, config):
   Returns:
     `fn(variables, images) -> (boxes, scores)` (shapes in the module
     docstring), pure and traceable, and `variables`, the model's arrays (the
-    eval-mode TrainState without optimizer state) to pass to it.
+    ModelVariables) to pass to it.
   """
-  model_def, params, model_state = train_lib.split_model(model)
-  variables = train_lib.TrainState(step=np.int32(0), params=params,
-                                   model_state=model_state, opt_state=None)
+  model_def, variables = variables_lib.model_variables(model)
   priors = np.asarray(priors_lib.generate_priors(config), np.float32)
   pixel_mean = np.asarray(config.input.pixel_mean, np.float32)
   center_variance = config.model.center_variance
   size_variance = config.model.size_variance
 
   def fn(variables, images):
-    with layers.cpu_kernels(False):
-      cls_logits, bbox_pred = train_lib.predict(
+    with kernels.step_kernels(cpu_kernels=False).scope():  # plain XLA
+      cls_logits, bbox_pred = predict_lib.predict(
           model_def, variables, images.astype(jnp.float32) - pixel_mean)
     scores = jax.nn.softmax(cls_logits, axis=-1)
     boxes = box_ops.center_to_corner(box_ops.decode(

@@ -6,7 +6,7 @@
 
 The path from pixels to boxes is evaluation's: the test-time resize
 (`resize_for_model`, equal to the eval input pipeline's resize bit for bit),
-mean subtraction, `train_lib.predict` (the forward of eval's predict step) and
+mean subtraction, `predict_lib.predict` (the forward of eval's predict step) and
 `postprocess.detect` (softmax, decode, thresholds, NMS, top-k, rescale to the
 original size). So the boxes equal what eval.py scores for the same images.
 
@@ -24,7 +24,6 @@ import concurrent.futures
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -33,7 +32,10 @@ from ssd_jax.training import checkpointing
 from ssd_jax import models
 from ssd_jax.evaluation import postprocess
 from ssd_jax.core import priors as priors_lib
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import kernels
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import sharding
+from ssd_jax.runtime import variables as variables_lib
 
 
 def load_model(workdir, step=None):
@@ -166,27 +168,20 @@ class Detector:
     self.image_size = int(config.input.image_size)
     self.priors = priors_lib.generate_priors(config)
     devices = jax.local_devices()
-    self._mesh = train_lib.create_mesh(devices)
+    self._mesh = sharding.create_mesh(devices)
     self.batch_size = -(-batch_size // len(devices)) * len(devices)
     # Batch sizes compiled for: batch_size, and smaller powers of two (times
     # the device count) for the last batch of a call.
     self._sizes = sorted({self.batch_size} | {
         len(devices) * 2**k for k in range(32)
         if len(devices) * 2**k < self.batch_size})
-    model_def, params, model_state = train_lib.split_model(model)
-    self._state = jax.device_put(
-        train_lib.TrainState(step=np.int32(0), params=params,
-                             model_state=model_state, opt_state=None),
-        train_lib.replicated_sharding(self._mesh))
-    pixel_mean = jnp.asarray(config.input.pixel_mean, jnp.float32)
-
-    def forward(state, images):
-      """uint8 [B, S, S, 3] resized images -> (cls_logits, bbox_pred)."""
-      return train_lib.predict(model_def, state,
-                               images.astype(jnp.float32) - pixel_mean)
-
-    self._forward = jax.jit(forward,
-                            compiler_options=train_lib.compiler_options())
+    model_def, variables = variables_lib.model_variables(model)
+    self._state = jax.device_put(variables,
+                                 sharding.replicated_sharding(self._mesh))
+    # uint8 [B, S, S, 3] resized images -> (cls_logits, bbox_pred).
+    self._forward = kernels.step_kernels(
+        sharding.mesh_platform(self._mesh)).jit(
+            predict_lib.pixels_to_outputs(model_def, config))
     self._pool = concurrent.futures.ThreadPoolExecutor(
         num_threads or _default_threads(), thread_name_prefix='ssd_detector')
     self.step = None
@@ -220,7 +215,7 @@ class Detector:
     batch = np.zeros((size, self.image_size, self.image_size, 3), np.uint8)
     for i, (pixels, _) in enumerate(prepared):
       batch[i] = pixels
-    batch = jax.device_put(batch, train_lib.batch_sharding(self._mesh))
+    batch = jax.device_put(batch, sharding.batch_sharding(self._mesh))
     return self._forward(self._state, batch)  # returns before it is done
 
   def _finish(self, prepared, outputs, config):

@@ -26,7 +26,8 @@ import tqdm
 
 from ssd_jax.evaluation import coco_eval
 from ssd_jax.evaluation import postprocess
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import sharding
 from ssd_jax.deploy import visualize
 from ssd_jax.evaluation import voc_eval
 
@@ -126,7 +127,7 @@ def evaluate(predict_fn, batches, priors, config, class_names, *,
   Args:
     predict_fn: images [b, S, S, 3] -> (cls_logits [b, P, C],
       bbox_pred [b, P, 4]); typically jit-compiled, so it returns before the
-      device has finished (train_lib.make_predict_step: uint8 pixels in).
+      device has finished (predict_lib.make_predict_step: uint8 pixels in).
     batches: iterable of dicts of numpy arrays: 'image' [b, S, S, 3] as
       predict_fn takes them (the eval pipeline's: uint8 RGB pixel values,
       not mean-subtracted), 'image_id' [b] str or bytes, 'orig_size' int [b, 2]
@@ -202,17 +203,17 @@ class Evaluator:
     self.writer = writer
     self.logger = logger
     self.num_images_drawn = num_images_drawn
-    self.predict_step = train_lib.make_predict_step(config, model_def, mesh)
+    self.predict_step = predict_lib.make_predict_step(config, model_def, mesh)
 
-  def _predict_fn(self, state):
+  def _predict_fn(self, variables):
     """images (this host's share of a batch) -> this host's head outputs."""
     def predict(images):
-      outputs = self.predict_step(state,
-                                  train_lib.global_batch(images, self.mesh))
+      outputs = self.predict_step(variables,
+                                  sharding.global_batch(images, self.mesh))
       if jax.process_count() == 1:
         return outputs
       return multihost_utils.global_array_to_host_local_array(
-          outputs, self.mesh, PartitionSpec(train_lib.DATA_AXIS))
+          outputs, self.mesh, PartitionSpec(sharding.DATA_AXIS))
     return predict
 
   def _batch_size(self):
@@ -220,8 +221,11 @@ class Evaluator:
     devices = jax.device_count()
     return -(-self.config.test.batch_size // devices) * devices
 
-  def __call__(self, state, step):
-    """Returns {dataset name: evaluate() result} (empty on other hosts).
+  def __call__(self, variables, step):
+    """Evaluates the model `variables` (runtime.variables.ModelVariables,
+    replicated on the mesh) of iteration `step`.
+
+    Returns {dataset name: evaluate() result} (empty on other hosts).
 
     Every host runs the forward and NMS of its share of each dataset; the
     detections are gathered to process 0, which computes the AP in the
@@ -229,7 +233,7 @@ class Evaluator:
     """
     from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     is_main = jax.process_index() == 0
-    predict = self._predict_fn(state)
+    predict = self._predict_fn(variables)
     results = {}
     for name in self.config.data.test:
       batches = pipeline.create_eval_iterator(

@@ -55,8 +55,8 @@ def cpu_kernels(enabled: bool):
       exported = jax.export.export(jax.jit(forward))(...)
 
   Outside any `cpu_kernels` block, the kernels are on when JAX's default
-  backend is CPU (`cpu_kernels_enabled`). train_lib's steps set it from the
-  platform of the devices they run on (`train_lib.make_train_step`).
+  backend is CPU (`cpu_kernels_enabled`). The train and predict steps set it
+  from the platform of the devices they run on (`runtime.kernels`).
   """
   return _CPU_KERNELS(bool(enabled))
 

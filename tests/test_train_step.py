@@ -14,7 +14,10 @@ from ssd_jax import models
 from ssd_jax.training import optim
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.training import synthetic
-from ssd_jax.training import train_lib
+from ssd_jax.runtime import kernels
+from ssd_jax.runtime import predict as predict_lib
+from ssd_jax.runtime import sharding
+from ssd_jax.training import train_step as train_step_lib
 from tests.tiny import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,11 +28,11 @@ def synthetic_batch(config, batch_size, seed=0):
 
 
 def _setup(config, mesh=None):
-  mesh = mesh or train_lib.create_mesh()
+  mesh = mesh or sharding.create_mesh()
   model = models.create_model(config)
   tx = optim.create_optimizer(config)
-  model_def, state = train_lib.create_train_state(model, tx, mesh)
-  step = train_lib.make_train_step(config, model_def, tx, mesh)
+  model_def, state = train_step_lib.create_train_state(model, tx, mesh)
+  step = train_step_lib.make_train_step(config, model_def, tx, mesh)
   return mesh, model_def, tx, state, step
 
 
@@ -55,7 +58,7 @@ def test_train_step_equals_manual_update(tiny):
 
   def loss_fn(params):
     m = nnx.merge(model_def.train, params, state.model_state)
-    return train_lib.loss_and_targets(m, batch, priors, config)[0]
+    return train_step_lib.loss_and_targets(m, batch, priors, config)[0]
 
   @jax.jit
   def manual_step(params):
@@ -66,7 +69,7 @@ def test_train_step_equals_manual_update(tiny):
   expected_loss, expected_params = manual_step(state.params)
   expected_params = jax.tree.map(np.asarray, expected_params)
 
-  new_state, metrics = train_step(state, train_lib.global_batch(batch, mesh))
+  new_state, metrics = train_step(state, sharding.global_batch(batch, mesh))
   assert int(new_state.step) == 1
   np.testing.assert_allclose(float(metrics['total_loss']), float(expected_loss),
                              rtol=1e-5)
@@ -87,7 +90,7 @@ def test_repeated_steps_fit_a_fixed_batch():
   config.solver.optimizer = 'adam'
   config.solver.warmup_iters = 0
   mesh, _, _, state, train_step = _setup(config)
-  batch = train_lib.global_batch(synthetic_batch(config, 4, seed=1), mesh)
+  batch = sharding.global_batch(synthetic_batch(config, 4, seed=1), mesh)
   first = None
   for _ in range(30):
     state, metrics = train_step(state, batch)
@@ -100,7 +103,7 @@ def test_batch_without_boxes_gives_zero_loss_and_no_nan(tiny):
   config, mesh, _, _, state, train_step = tiny
   batch = synthetic_batch(config, 4)
   batch['mask'][:] = False
-  new_state, metrics = train_step(state, train_lib.global_batch(batch, mesh))
+  new_state, metrics = train_step(state, sharding.global_batch(batch, mesh))
   assert float(metrics['total_loss']) == 0.0
   assert all(np.all(np.isfinite(np.asarray(x)))
              for x in jax.tree.leaves(new_state.params))
@@ -108,10 +111,10 @@ def test_batch_without_boxes_gives_zero_loss_and_no_nan(tiny):
 
 def test_predict_step_outputs(tiny):
   config, mesh, model_def, _, state, _ = tiny
-  predict = train_lib.make_predict_step(config, model_def)
+  predict = predict_lib.make_predict_step(config, model_def)
   pixels = synthetic_batch(config, 4)['image']
   assert pixels.dtype == np.uint8
-  cls_logits, bbox_pred = predict(state, train_lib.global_batch(pixels, mesh))
+  cls_logits, bbox_pred = predict(state, sharding.global_batch(pixels, mesh))
   p = priors_lib.num_priors(config)
   assert cls_logits.shape == (4, p, 4) and bbox_pred.shape == (4, p, 4)
   assert cls_logits.dtype == jnp.float32
@@ -127,8 +130,8 @@ def test_batch_norm_statistics_update_in_training_only():
   config = tiny_config()
   config.model.backbone.batch_norm = True
   mesh, model_def, _, state, train_step = _setup(config)
-  batch = train_lib.global_batch(synthetic_batch(config, 4), mesh)
-  predict = train_lib.make_predict_step(config, model_def)
+  batch = sharding.global_batch(synthetic_batch(config, 4), mesh)
+  predict = predict_lib.make_predict_step(config, model_def)
   before = jax.tree.map(np.asarray, state.model_state)
   out_a = np.asarray(predict(state, batch['image'])[0])
   out_b = np.asarray(predict(state, batch['image'])[0])
@@ -141,13 +144,13 @@ def test_batch_norm_statistics_update_in_training_only():
 
 def test_checkpoint_layout_round_trip(tiny):
   config, mesh, model_def, tx, state, _ = tiny
-  model_tree, opt_state = train_lib.state_to_checkpoint(state)
+  model_tree, opt_state = train_step_lib.state_to_checkpoint(state)
   # The layout is the model's full variable dict, as torch_import writes it.
   model = nnx.merge(model_def.train, state.params, state.model_state)
   assert jax.tree.structure(model_tree) == jax.tree.structure(
       nnx.to_pure_dict(nnx.state(model)))
   zeros = jax.tree.map(jnp.zeros_like, state)
-  restored = train_lib.state_from_checkpoint(zeros, model_tree, opt_state,
+  restored = train_step_lib.state_from_checkpoint(zeros, model_tree, opt_state,
                                              step=7)
   assert int(restored.step) == 7
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
@@ -159,17 +162,17 @@ def test_checkpoint_layout_round_trip(tiny):
 MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     assert jax.device_count() == 8, jax.devices()
-    from ssd_jax.training import train_lib
-    from tests.test_train_lib import _setup, synthetic_batch
+    from ssd_jax.runtime import sharding
+    from tests.test_train_step import _setup, synthetic_batch
     from tests.tiny import tiny_config
     config = tiny_config()
     config.solver.batch_size = 8
     batch = synthetic_batch(config, 8)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-      mesh = train_lib.create_mesh(devices)
+      mesh = sharding.create_mesh(devices)
       _, _, _, state, step = _setup(config, mesh)
-      global_batch = train_lib.global_batch(batch, mesh)
+      global_batch = sharding.global_batch(batch, mesh)
       assert len(global_batch['image'].sharding.device_set) == len(devices)
       for _ in range(2):
         state, metrics = step(state, global_batch)
@@ -203,7 +206,7 @@ def test_bfloat16_train_step_is_finite_and_close_to_float32():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
     values = []
     for _ in range(3):
-      state, metrics = train_step(state, train_lib.global_batch(batch, mesh))
+      state, metrics = train_step(state, sharding.global_batch(batch, mesh))
       values.append(float(metrics['total_loss']))
     assert all(np.isfinite(values))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
@@ -215,11 +218,11 @@ def test_cpu_steps_compile_without_ynnpack(tiny):
   # YNNPACK's convolution gradients are the slow path on CPU (BENCHMARKS.md);
   # the compiled steps must keep XLA's own kernels.
   config, mesh, model_def, _, state, train_step = tiny
-  assert train_lib.compiler_options() == {
+  assert kernels.compiler_options() == {
       'xla_cpu_experimental_ynn_fusion_type': ''}
-  batch = train_lib.global_batch(synthetic_batch(config, 2), mesh)
+  batch = sharding.global_batch(synthetic_batch(config, 2), mesh)
   train_hlo = train_step.lower(state, batch).compile().as_text()
-  predict_step = train_lib.make_predict_step(config, model_def)
+  predict_step = predict_lib.make_predict_step(config, model_def)
   predict_hlo = predict_step.lower(state, batch['image']).compile().as_text()
   default_hlo = jax.jit(train_step.__wrapped__).lower(state, batch).compile(
       ).as_text()

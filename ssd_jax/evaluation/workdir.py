@@ -1,0 +1,51 @@
+"""Evaluating a workdir's checkpoint: what eval.py runs."""
+
+import os
+
+import jax
+from clu import metric_writers
+from flax import nnx
+
+from ssd_jax import models
+from ssd_jax.core import priors as priors_lib
+from ssd_jax.data import prepare
+from ssd_jax.evaluation import evaluate
+from ssd_jax.runtime import sharding
+from ssd_jax.runtime import variables as variables_lib
+from ssd_jax.training import checkpointing
+from ssd_jax.training import metrics_log
+
+# The reference's evaluation logs as 'SSD.inference'.
+LOGGER_NAME = 'SSD.inference'
+
+
+def evaluate_workdir(config, workdir, step=None):
+  """Restores a checkpoint of `workdir` (latest, or `step`) and evaluates it
+  on every dataset of config.data.test.
+
+  Returns {dataset name: evaluate() result}.
+  """
+  from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  logger = metrics_log.setup_logger(LOGGER_NAME, write_file=False)
+  prepare.prepare_data(config, logger)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  step = checkpointing.restore_model(checkpointer, model, step)
+  logger.info('Loaded checkpoint %s', os.path.join(checkpointer.directory,
+                                                   str(step)))
+  for name, counts in pipeline.check_datasets(config, config.data.test).items():
+    logger.info('Dataset %s: %s', name, counts.summary())
+  mesh = sharding.create_mesh()
+  model_def, variables = variables_lib.model_variables(model)
+  variables = sharding.replicate(variables, mesh)
+  writer = metric_writers.create_default_writer(
+      os.path.join(workdir, 'tf_logs'), just_logging=jax.process_index() > 0)
+  evaluator = evaluate.Evaluator(config, workdir, model_def, mesh,
+                                 priors_lib.generate_priors(config), writer,
+                                 logger)
+  results = evaluator(variables, step)
+  writer.close()
+  checkpointer.close()
+  return results
