@@ -2,7 +2,7 @@
 
 Times what the host does to evaluate COCO val2017 (5,000 images) once the
 network outputs are there: `postprocess.detect` (softmax, threshold, decode,
-per-class NMS, top 100, rescale) and `coco_eval.evaluate` (the results list,
+per-class NMS, top 100, rescale) and `coco_eval.coco_metrics` (the results list,
 the ground-truth dataset, COCOeval evaluate + accumulate + summarize), with
 both COCO APIs on the same detections: faster-coco-eval (what coco_eval
 uses) and pycocotools (the reference's).
@@ -34,9 +34,9 @@ import numpy as np
 from bench import eval as eval_bench
 from configs import ssd300_coco
 from ssd_jax.core import box_ops
+from ssd_jax.core import priors as priors_lib
 from ssd_jax.evaluation import coco_eval
 from ssd_jax.evaluation import postprocess
-from ssd_jax.core import priors as priors_lib
 
 CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21,

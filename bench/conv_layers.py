@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssd_jax.runtime import kernels
 from ssd_jax.models import layers
 from ssd_jax.models import winograd
+from ssd_jax.runtime import kernels
 
 # name, input size, in channels, out channels, kernel, stride, padding,
 # dilation, how many times the shape occurs in SSD300.

@@ -28,9 +28,9 @@ import numpy as np
 
 from bench import eval as eval_bench
 from configs import ssd300_voc
+from ssd_jax.core import priors as priors_lib
 from ssd_jax.deploy import inference
 from ssd_jax.evaluation import postprocess
-from ssd_jax.core import priors as priors_lib
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
 

@@ -22,7 +22,7 @@ exact distribution differs; random weights (e.g. the recipe weights of the
 tests) are far worse than reality (~100,000 candidates per image). The
 outputs of `--pool` images are generated once (not timed) and cycled.
 
-Part 2 runs `evaluate.evaluate` end to end with the SSD300 model (random
+Part 2 runs `evaluate.evaluate_dataset` end to end with the SSD300 model (random
 He-normal weights, the class-0 bias raised by `--background_bias` so that the
 candidate count is in the same range) on `--e2e_images` random images, next to
 the bare jitted forward pass over the same batches as the baseline.
@@ -41,9 +41,9 @@ import numpy as np
 
 from configs import ssd300_voc
 from ssd_jax.core import box_ops
+from ssd_jax.core import priors as priors_lib
 from ssd_jax.evaluation import evaluate
 from ssd_jax.evaluation import postprocess
-from ssd_jax.core import priors as priors_lib
 from ssd_jax.evaluation import voc_eval
 
 VOC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (374, 500))
@@ -223,7 +223,7 @@ def bench_end_to_end(config, priors, num_images, batch_size, background_bias):
     jax.block_until_ready(predict_fn(batch['image']))
   t_forward = time.perf_counter() - start
   start = time.perf_counter()
-  result = evaluate.evaluate(predict_fn, batches(), priors, config,
+  result = evaluate.evaluate_dataset(predict_fn, batches(), priors, config,
                              config.data.class_names, progress=False)
   t_eval = time.perf_counter() - start
   assert result['num_images'] == num_images

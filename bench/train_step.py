@@ -25,9 +25,9 @@ import numpy as np
 from ml_collections import config_flags
 
 from ssd_jax import models
+from ssd_jax.runtime import sharding
 from ssd_jax.training import optim
 from ssd_jax.training import synthetic
-from ssd_jax.runtime import sharding
 from ssd_jax.training import train_step as train_step_lib
 
 FLAGS = flags.FLAGS

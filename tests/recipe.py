@@ -138,7 +138,7 @@ def recipe_model(config, seed_base=4000):
 
 def import_recipe_checkpoint(tmp_path, config_file, *flags):
   """The recipe state dict saved by torch as a reference checkpoint (step
-  120000), imported by `python -m ssd_jax.interop.torch_import --config=config_file
+  120000), imported by `python import_torch.py --config=config_file
   *flags` into tmp_path/'imported'; returns that workdir."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
@@ -149,7 +149,7 @@ def import_recipe_checkpoint(tmp_path, config_file, *flags):
               'iteration': 120000}, str(checkpoint))
   workdir = tmp_path / 'imported'
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run([sys.executable, '-m', 'ssd_jax.interop.torch_import',
+  subprocess.run([sys.executable, 'import_torch.py',
                   f'--checkpoint={checkpoint}', f'--config={config_file}',
                   *flags, f'--workdir={workdir}'],
                  cwd=root, env=dict(os.environ, PYTHONPATH=root), check=True,

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from ssd_jax.evaluation import coco_eval
 from ssd_jax.data import coco
+from ssd_jax.evaluation import coco_eval
 from tests.recipe import import_recipe_checkpoint
 from tests.reference_data import fixture_path, load_fixture
 
@@ -56,7 +56,7 @@ def test_metrics_equal_pycocotools_on_the_same_detections():
   from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
   index = coco.folder_index(COCO_TINY, 'coco_2014_minival', training=False)
   detections = _jittered_detections(index)
-  ours = coco_eval.evaluate(detections, index.coco)
+  ours = coco_eval.coco_metrics(detections, index.coco)
   gt = COCO(ANN_FILE)
   evaluator = COCOeval(gt, gt.loadRes([dict(r) for r in ours['results']]),
                        'bbox')
@@ -72,7 +72,7 @@ def test_metrics_equal_pycocotools_on_the_same_detections():
   # No detection at all: zeros, not a crash.
   empty = [dict(d, boxes=d['boxes'][:0], labels=d['labels'][:0],
                 scores=d['scores'][:0]) for d in detections]
-  assert coco_eval.evaluate(empty, index.coco)['metrics']['AP'] == 0
+  assert coco_eval.coco_metrics(empty, index.coco)['metrics']['AP'] == 0
 
 
 def _iou_xywh(a, b):

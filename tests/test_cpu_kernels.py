@@ -17,14 +17,14 @@ import pytest
 from flax import nnx
 
 from ssd_jax import models
-from ssd_jax.training import optim
-from ssd_jax.runtime import kernels
-from ssd_jax.runtime import sharding
-from ssd_jax.training import train_step as train_step_lib
-from ssd_jax.runtime import variables as variables_lib
 from ssd_jax.models import layers
 from ssd_jax.models import vgg
 from ssd_jax.models import winograd
+from ssd_jax.runtime import kernels
+from ssd_jax.runtime import sharding
+from ssd_jax.runtime import variables as variables_lib
+from ssd_jax.training import optim
+from ssd_jax.training import train_step as train_step_lib
 from tests.reference_data import load_fixture
 
 
@@ -245,7 +245,7 @@ def test_train_step_equals_reference_trainer(ssd300_config, train_step_fixture,
   ref = train_step_fixture
   config = reference_config(ssd300_config)
   np.testing.assert_allclose(
-      [optim.learning_rate(config, i) for i in range(3)], ref['lrs'],
+      [optim.learning_rate_at(config, i) for i in range(3)], ref['lrs'],
       rtol=1e-12)
   losses, updated, initial = run_reference_iterations(config, ref,
                                                       cpu_kernels)

@@ -10,8 +10,8 @@ from flax import nnx
 from PIL import Image
 
 from configs import ssd300_voc
-from ssd_jax.deploy import inference
 from ssd_jax import models
+from ssd_jax.deploy import inference
 from tests import tiny
 from tests import workdir_testing
 

@@ -9,11 +9,11 @@ import pytest
 from flax import nnx
 
 from configs import efficientnet_b3_ssd300_voc
-from ssd_jax.training import checkpointing
 from ssd_jax import models
 from ssd_jax.interop import torch_import
 from ssd_jax.models import efficientnet
 from ssd_jax.models import layers
+from ssd_jax.training import checkpointing
 from tests.tiny import assert_bfloat16_close_to_float32
 from tests.tiny import tiny_config
 from tests.tiny import tiny_shapes_config

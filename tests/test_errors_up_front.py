@@ -11,14 +11,14 @@ import threading
 import jax
 import pytest
 
-from ssd_jax.training import checkpointing
-from ssd_jax.training import launch
-from ssd_jax.evaluation import postprocess
-from ssd_jax.training import trainer
-from ssd_jax.training import download
-from ssd_jax.training import resume
 from ssd_jax.data import pipeline
 from ssd_jax.data import shapes
+from ssd_jax.evaluation import postprocess
+from ssd_jax.training import checkpointing
+from ssd_jax.training import download
+from ssd_jax.training import launch
+from ssd_jax.training import resume
+from ssd_jax.training import trainer
 from tests.tiny import tiny_shapes_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from configs import ssd300_voc
-from ssd_jax.evaluation import evaluate
 from ssd_jax import models
+from ssd_jax.evaluation import evaluate
 from ssd_jax.evaluation import postprocess
+from ssd_jax.evaluation import reports
+from ssd_jax.evaluation import voc_eval
 from ssd_jax.interop import torch_import
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
-from ssd_jax.evaluation import voc_eval
 from tests import detection_checks
 from tests import recipe
 
@@ -87,7 +88,7 @@ def voc_tiny():
   annotations = [_annotation(i) for i in ids]
   priors = np.load(os.path.join(FIXTURES, 'priors_ssd300.npy'))
   # Batches of 3: the second holds 2 images and 1 padding image.
-  result = evaluate.evaluate(
+  result = evaluate.evaluate_dataset(
       functools.partial(predict, state),
       _batches(images, ids, ref['orig_hw'], annotations, batch_size=3),
       priors, config, CLASSES, progress=False)
@@ -131,9 +132,9 @@ def test_voc_tiny_outputs(voc_tiny):
   result, _, _ = voc_tiny
   ref = json.load(open(os.path.join(FIXTURES, 'eval_ref.json')))
   ref = ref['voc_tiny_model']
-  assert evaluate.result_text(result, CLASSES) + '\n' == ref['printed'].split(
+  assert reports.result_text(result, CLASSES) + '\n' == ref['printed'].split(
       '\n', 1)[1]
-  record = evaluate.result_json(result, CLASSES, step=120000)
+  record = reports.result_json(result, CLASSES, step=120000)
   assert record['step'] == 120000
   assert record['map'] == pytest.approx(ref['mAP'], abs=1e-12)
   assert record['map_area'] == pytest.approx(ref['map_area_metric'],
@@ -191,7 +192,7 @@ def test_stream_contract(num_images, batch_size, limit):
   priors, images, ids, sizes, annotations = _synthetic(num_images, batch_size)
   events = []
   config = ssd300_voc.get_config()
-  result = evaluate.evaluate(
+  result = evaluate.evaluate_dataset(
       _Recorder(priors, events),
       _batches(images, ids, sizes, annotations, batch_size), priors, config,
       CLASSES, num_images=limit, progress=False)
@@ -229,7 +230,7 @@ def test_dispatches_next_batch_before_postprocessing(monkeypatch):
     return detect(cls_logits, *args, **kwargs)
 
   monkeypatch.setattr(postprocess, 'detect', recording_detect)
-  evaluate.evaluate(_Recorder(priors, events),
+  evaluate.evaluate_dataset(_Recorder(priors, events),
                     _batches(images, ids, sizes, annotations, 4), priors,
                     ssd300_voc.get_config(), CLASSES, progress=False)
   assert events == [('predict', 4), ('predict', 4), ('detect', 4),
@@ -238,5 +239,5 @@ def test_dispatches_next_batch_before_postprocessing(monkeypatch):
 
 def test_empty_stream():
   with pytest.raises(ValueError, match='no valid image'):
-    evaluate.evaluate(lambda x: None, iter([]), np.zeros((1, 4)),
+    evaluate.evaluate_dataset(lambda x: None, iter([]), np.zeros((1, 4)),
                       ssd300_voc.get_config(), CLASSES, progress=False)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssd_jax.core import box_ops
-from ssd_jax.deploy import export
 from ssd_jax import models
-from ssd_jax.evaluation import postprocess
+from ssd_jax.core import box_ops
 from ssd_jax.core import priors as priors_lib
+from ssd_jax.deploy import export
+from ssd_jax.evaluation import postprocess
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
 from tests import tiny
@@ -148,7 +148,7 @@ def test_cli(tiny_model, expected, tmp_path):
                                          step=3)
   output = tmp_path / 'out' / 'ssd.stablehlo'
   result = subprocess.run(
-      [sys.executable, '-m', 'ssd_jax.deploy.export', f'--workdir={workdir}',
+      [sys.executable, 'export.py', f'--workdir={workdir}',
        '--format=stablehlo', f'--output={output}', '--batch_size=2'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
       text=True)

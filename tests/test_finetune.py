@@ -11,13 +11,13 @@ import numpy as np
 import optax
 import pytest
 
-from ssd_jax.training import checkpointing
 from ssd_jax import models
-from ssd_jax.training import optim
+from ssd_jax.evaluation import workdir as workdir_eval
 from ssd_jax.runtime import sharding
+from ssd_jax.training import checkpointing
+from ssd_jax.training import optim
 from ssd_jax.training import train_step as train_step_lib
 from ssd_jax.training import trainer
-from ssd_jax.evaluation import workdir as workdir_eval
 from tests.tiny import reference_state_dict, tiny_config, tiny_shapes_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +93,7 @@ def test_train_continues_from_an_imported_checkpoint(tmp_path):
   assert sorted(lines) == [9, 10, 11, 12]
   for step, m in lines.items():
     assert np.isfinite(float(m.group(3)))
-    assert m.group(2) == f'{optim.learning_rate(config, step):.5f}'
+    assert m.group(2) == f'{optim.learning_rate_at(config, step):.5f}'
   checkpointer = checkpointing.Checkpointer(workdir)
   assert checkpointer.all_steps() == [IMPORTED_STEP, 12]
   assert checkpointer.has_opt_state(12)

@@ -38,3 +38,43 @@ def test_step_and_host_eval_modules_leave_tensorflow_out(module):
   if not os.path.exists(path):
     pytest.skip(f'{module} not written yet')
   assert _imports_tensorflow([module]) == '[]'
+
+
+# Part -> the parts of ssd_jax it may import (besides itself).
+ALLOWED_PARTS = {
+    'core': set(),
+    'models': {'core'},
+    'data': {'core'},
+    'runtime': {'core', 'models'},
+}
+
+
+def _ssd_jax_imports(path):
+  """Top-level part names of the ssd_jax modules a file imports."""
+  import ast  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  parts = set()
+  for node in ast.walk(tree):
+    names = []
+    if isinstance(node, ast.ImportFrom) and node.module:
+      if node.module == 'ssd_jax':
+        names = [alias.name for alias in node.names]
+      else:
+        names = [node.module[len('ssd_jax.'):]] if node.module.startswith(
+            'ssd_jax.') else []
+    elif isinstance(node, ast.Import):
+      names = [alias.name[len('ssd_jax.'):] for alias in node.names
+               if alias.name.startswith('ssd_jax.')]
+    parts.update(name.split('.')[0] for name in names)
+  return parts
+
+
+@pytest.mark.parametrize('part', sorted(ALLOWED_PARTS))
+def test_lower_parts_never_import_upward(part):
+  folder = os.path.join(ROOT, 'ssd_jax', part)
+  for name in sorted(os.listdir(folder)):
+    if name.endswith('.py'):
+      imported = _ssd_jax_imports(os.path.join(folder, name)) - {part}
+      assert imported <= ALLOWED_PARTS[part], (
+          f'ssd_jax/{part}/{name} imports {sorted(imported)}')

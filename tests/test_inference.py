@@ -9,10 +9,10 @@ from flax import nnx
 from PIL import Image
 
 from configs import ssd300_voc
-from ssd_jax.evaluation import evaluate
-from ssd_jax.deploy import inference
 from ssd_jax import models
 from ssd_jax.core import priors as priors_lib
+from ssd_jax.deploy import inference
+from ssd_jax.evaluation import evaluate
 from ssd_jax.interop import torch_import
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
@@ -104,7 +104,7 @@ def test_detections_equal_evaluation(tiny_voc, tiny_detector):
   model_def, params, model_state = variables_lib.split_model(model)
   state = variables_lib.ModelVariables(params=params, model_state=model_state)
   predict_step = predict_lib.make_predict_step(config, model_def)
-  result = evaluate.evaluate(
+  result = evaluate.evaluate_dataset(
       lambda images: predict_step(state, images),
       pipeline.create_eval_iterator(config, 'voc_2007_test', batch_size=4,
                                     process_index=0, process_count=1),

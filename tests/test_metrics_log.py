@@ -9,7 +9,7 @@ def test_log_line_reproduces_reference_format():
   meters = metrics_log.MetricLogger(window=10)
   meters.update(total_loss=20.884, reg_loss=3.032, cls_loss=17.852, time=2.668)
   eta = 2.668 * (120000 - 10)
-  line = metrics_log.log_line(10, optim.learning_rate(tiny_config(), 10),
+  line = metrics_log.log_line(10, optim.learning_rate_at(tiny_config(), 10),
                               meters, eta, mem_mib=8288)
   assert line == ('iter: 000010, lr: 0.00035, total_loss: 20.884 (20.884), '
                   'reg_loss: 3.032 (3.032), cls_loss: 17.852 (17.852), '

@@ -16,8 +16,8 @@ from flax import nnx
 
 from ssd_jax import models
 from ssd_jax.core import priors as priors_lib
-from ssd_jax.interop import torch_import
 from ssd_jax.evaluation import workdir as workdir_eval
+from ssd_jax.interop import torch_import
 from ssd_jax.models import backbones
 from ssd_jax.models import layers
 from tests import recipe

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ssd_jax import models
 from ssd_jax.training import checkpointing
 from ssd_jax.training import launch
-from ssd_jax import models
 from tests.tiny import tiny_shapes_config
 from tests.tiny import tiny_shapes_flags
 

@@ -14,12 +14,12 @@ def test_learning_rate_matches_reference_log_and_updates(ssd300_config):
                                            ref['logged_lr_str'],
                                            ref['update_lr']):
     # The log line of iteration i prints f(i); update i uses f(i - 1).
-    assert optim.learning_rate(ssd300_config, i) == pytest.approx(logged,
+    assert optim.learning_rate_at(ssd300_config, i) == pytest.approx(logged,
                                                                   abs=1e-15)
-    assert f'{optim.learning_rate(ssd300_config, i):.5f}' == logged_str
-    assert optim.learning_rate(ssd300_config, i - 1) == pytest.approx(
+    assert f'{optim.learning_rate_at(ssd300_config, i):.5f}' == logged_str
+    assert optim.learning_rate_at(ssd300_config, i - 1) == pytest.approx(
         update, abs=1e-15)
-  assert optim.learning_rate(ssd300_config, 0) == pytest.approx(
+  assert optim.learning_rate_at(ssd300_config, 0) == pytest.approx(
       ref['lr_at_construction'], abs=1e-15)
 
 
@@ -50,7 +50,7 @@ def test_sgd_equals_torch_sgd_with_weight_decay(ssd300_config):
                         weight_decay=5e-4)
   for step, g in enumerate(grads):
     for group in opt.param_groups:
-      group['lr'] = optim.learning_rate(ssd300_config, step)
+      group['lr'] = optim.learning_rate_at(ssd300_config, step)
     for k, p in theirs.items():
       p.grad = torch.tensor(g[k])
     opt.step()
@@ -89,6 +89,6 @@ def test_fresh_state_moved_to_a_step_continues_the_schedule(ssd300_config,
   direction = grads['w'] if name == 'sgd' else jnp.sign(grads['w'])
   np.testing.assert_allclose(
       np.asarray(updates['w']),
-      -optim.learning_rate(config, step) * np.asarray(direction), rtol=1e-5)
+      -optim.learning_rate_at(config, step) * np.asarray(direction), rtol=1e-5)
   fresh, _ = tx.update(grads, tx.init(params), params)
   assert not np.allclose(np.asarray(fresh['w']), np.asarray(updates['w']))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ssd_jax.training import checkpointing
 from ssd_jax import models
 from ssd_jax.interop import torch_import
 from ssd_jax.models import layers
+from ssd_jax.training import checkpointing
 from tests.recipe import recipe_state_dict
 from tests.reference_data import load_fixture
 from tests.tiny import tiny_config
@@ -136,7 +136,7 @@ def test_command_writes_a_restorable_workdir(tmp_path, recipe_checkpoint,
                                              imported_model):
   workdir = str(tmp_path / 'imported')
   subprocess.run(
-      [sys.executable, '-m', 'ssd_jax.interop.torch_import',
+      [sys.executable, 'import_torch.py',
        f'--checkpoint={recipe_checkpoint}',
        f'--config={os.path.join(ROOT, "configs/ssd300_voc.py")}',
        f'--workdir={workdir}'],

@@ -11,12 +11,12 @@ import pytest
 from flax import nnx
 
 from ssd_jax import models
-from ssd_jax.training import optim
 from ssd_jax.core import priors as priors_lib
-from ssd_jax.training import synthetic
 from ssd_jax.runtime import kernels
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import sharding
+from ssd_jax.training import optim
+from ssd_jax.training import synthetic
 from ssd_jax.training import train_step as train_step_lib
 from tests.tiny import tiny_config
 

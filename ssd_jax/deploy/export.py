@@ -1,8 +1,8 @@
 """The trained network, softmax and box decoding as a portable graph.
 
-    python -m ssd_jax.deploy.export --workdir=W --format=onnx --output=ssd.onnx
-    python -m ssd_jax.deploy.export --workdir=W --format=saved_model --output=DIR
-    python -m ssd_jax.deploy.export --workdir=W --format=stablehlo --output=ssd.shlo
+    python export.py --workdir=W --format=onnx --output=ssd.onnx
+    python export.py --workdir=W --format=saved_model --output=DIR
+    python export.py --workdir=W --format=stablehlo --output=ssd.shlo
 
 The exported function (`serving_function`):
   images  float32 [B, S, S, 3]: RGB, 0..255, already resized to the model's
@@ -37,9 +37,9 @@ import numpy as np
 
 from ssd_jax.core import box_ops
 from ssd_jax.core import priors as priors_lib
+from ssd_jax.runtime import kernels
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
-from ssd_jax.runtime import kernels
 
 FORMATS = ('onnx', 'saved_model', 'stablehlo')
 ONNX_OPSET = 18
@@ -224,36 +224,3 @@ def export(model, config, fmt, output, batch_size=None):
   else:
     import onnx  # pylint: disable=g-import-not-at-top
     onnx.save(to_onnx(model, config, batch_size), output)
-
-
-def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ssd_jax.deploy import inference  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {argv[1:]}')
-  f = flags.FLAGS
-  model, config, step = inference.load_model(f.workdir, f.step)
-  export(model, config, f.format, f.output, f.batch_size)
-  size = config.input.image_size
-  print(f'Wrote {f.output} ({f.format}): checkpoint step {step}, images '
-        f'float32 [{f.batch_size or "batch"}, {size}, {size}, 3] RGB 0..255 '
-        f'-> boxes [.., {len(priors_lib.generate_priors(config))}, 4], '
-        f'scores [.., {config.model.num_classes}]')
-
-
-def _run():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
-                      'ssd_jax.interop.torch_import.')
-  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
-  flags.DEFINE_enum('format', None, FORMATS, 'Export format.')
-  flags.DEFINE_string('output', None, 'Output file (onnx, stablehlo) or '
-                      'directory (saved_model).')
-  flags.DEFINE_integer('batch_size', None, 'Fixed batch size (default: '
-                       'symbolic).')
-  flags.mark_flags_as_required(['workdir', 'format', 'output'])
-  app.run(main)
-
-
-if __name__ == '__main__':
-  _run()

@@ -28,14 +28,14 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from ssd_jax.training import checkpointing
 from ssd_jax import models
-from ssd_jax.evaluation import postprocess
 from ssd_jax.core import priors as priors_lib
+from ssd_jax.evaluation import postprocess
 from ssd_jax.runtime import kernels
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import sharding
 from ssd_jax.runtime import variables as variables_lib
+from ssd_jax.training import checkpointing
 
 
 def load_model(workdir, step=None):

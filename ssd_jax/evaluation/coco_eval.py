@@ -13,9 +13,6 @@ results file has the original COCO image and category ids and boxes
 
 import contextlib
 import io
-import json
-import logging
-import os
 
 import numpy as np
 
@@ -126,7 +123,7 @@ def coco_eval(gt_dataset, results, api='faster_coco_eval'):
   return np.asarray(evaluator.stats, np.float64)[:12], summary
 
 
-def evaluate(detections, info):
+def coco_metrics(detections, info):
   """COCO metrics of one dataset's detections.
 
   Args:
@@ -148,43 +145,3 @@ def evaluate(detections, info):
   stats, summary = coco_eval(gt, [dict(r) for r in results])
   return {'metrics': dict(zip(METRIC_NAMES, stats[:6].tolist())),
           'stats': stats, 'summary': summary, 'results': results}
-
-
-def metrics_json(result, step):
-  """The JSON record eval.py writes: {"step", "AP", "AP50", ..., "APl"}."""
-  return {'step': int(step), **{k: float(v) for k, v in
-                                result['metrics'].items()}}
-
-
-def metric_lines(result):
-  """The reference's log lines: `AP        : 0.252`, one per metric."""
-  return ['{:<10}: {}'.format(k, round(v, 3))
-          for k, v in result['metrics'].items()]
-
-
-def write_results(path, results):
-  """Writes a results list as the COCO results JSON."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(results, f)
-
-
-def report(result, workdir, name, step, writer, logger=None):
-  """Writes W/eval/<name>_<step>.json and _bbox.json, logs, TensorBoard.
-
-  Returns the metrics record written.
-  """
-  logger = logger or logging.getLogger('SSD.inference')
-  bbox_path = os.path.join(workdir, 'eval', f'{name}_{step}_bbox.json')
-  logger.info('Writing results to %s...', bbox_path)
-  write_results(bbox_path, result['results'])
-  for line in result['summary']:
-    logger.info('%s', line)
-  record = metrics_json(result, step)
-  with open(os.path.join(workdir, 'eval', f'{name}_{step}.json'), 'w') as f:
-    json.dump(record, f, indent=1)
-  for line in metric_lines(result):
-    logger.info('%s', line)
-  writer.write_scalars(step, {f'metrics/{name}/{k}': v
-                              for k, v in result['metrics'].items()})
-  return record

@@ -9,14 +9,14 @@ from flax import nnx
 from ssd_jax import models
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.data import prepare
-from ssd_jax.evaluation import evaluate
+from ssd_jax.evaluation import evaluator as evaluator_lib
 from ssd_jax.runtime import sharding
 from ssd_jax.runtime import variables as variables_lib
 from ssd_jax.training import checkpointing
 from ssd_jax.training import metrics_log
 
-# The reference's evaluation logs as 'SSD.inference'.
-LOGGER_NAME = 'SSD.inference'
+
+LOGGER_NAME = 'SSD.eval'
 
 
 def evaluate_workdir(config, workdir, step=None):
@@ -42,7 +42,7 @@ def evaluate_workdir(config, workdir, step=None):
   variables = sharding.replicate(variables, mesh)
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, 'tf_logs'), just_logging=jax.process_index() > 0)
-  evaluator = evaluate.Evaluator(config, workdir, model_def, mesh,
+  evaluator = evaluator_lib.Evaluator(config, workdir, model_def, mesh,
                                  priors_lib.generate_priors(config), writer,
                                  logger)
   results = evaluator(variables, step)

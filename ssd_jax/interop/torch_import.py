@@ -15,8 +15,8 @@ weights [out, in] there and [in, out] here; BatchNorm running statistics are
 imported, `num_batches_tracked` is ignored.
 
 Command line (writes an Orbax checkpoint that eval.py can evaluate):
-  python -m ssd_jax.interop.torch_import --checkpoint=F.pth \
-      --config=configs/ssd300_voc.py --workdir=W
+  python import_torch.py --checkpoint=F.pth --config=configs/ssd300_voc.py \
+      --workdir=W
 """
 
 import os
@@ -204,35 +204,21 @@ def checkpoint_iteration(path):
   return 0
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+def import_to_workdir(checkpoint_path, config, workdir):
+  """Writes a reference checkpoint as an Orbax checkpoint eval.py reads.
+
+  The checkpoint step is the file's stored 'iteration' (0 if none); the
+  config is saved next to it, as train.py saves its own.
+
+  Returns the step written.
+  """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
-  model = load_torch_checkpoint(flags.FLAGS.checkpoint, config)
-  step = checkpoint_iteration(flags.FLAGS.checkpoint)
-  workdir = flags.FLAGS.workdir
+  model = load_torch_checkpoint(checkpoint_path, config)
+  step = checkpoint_iteration(checkpoint_path)
   checkpointing.save_config(workdir, config)
   checkpointer = checkpointing.Checkpointer(workdir)
   checkpointer.save(step, nnx.to_pure_dict(nnx.state(model)),
-                    meta={'source': os.path.abspath(flags.FLAGS.checkpoint)})
+                    meta={'source': os.path.abspath(checkpoint_path)})
   checkpointer.close()
-  print(f'Wrote {checkpointer.directory}/{step} and '
-        f'{os.path.join(workdir, checkpointing.CONFIG_FILE)} from '
-        f'{flags.FLAGS.checkpoint}')
-
-
-def _run():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('checkpoint', None, 'Reference .pth checkpoint.')
-  flags.DEFINE_string('workdir', None, 'Output workdir for eval.py.')
-  config_flags.DEFINE_config_file('config', None, 'Model config file.',
-                                  lock_config=True)
-  flags.mark_flags_as_required(['checkpoint', 'workdir', 'config'])
-  app.run(main)
-
-
-if __name__ == '__main__':
-  _run()
+  return step

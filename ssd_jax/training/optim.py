@@ -1,7 +1,7 @@
 """Optimizer and learning-rate schedule (the reference's SGD + WarmupMultiStepLR).
 
-Schedule semantics: f(e) = lr * warmup(e) * gamma ** bisect_right(lr_steps, e),
-warmup(e) = wf * (1 - e / W) + e / W for e < W, else 1. Optimizer update number
+Schedule semantics: f(t) = lr * warmup(t) * gamma ** bisect_right(lr_steps, t),
+warmup(t) = wf * (1 - t / W) + t / W for t < W, else 1. Optimizer update number
 i (1-based) uses f(i - 1); optax calls the schedule with the 0-based update
 count, so `learning_rate_schedule(config)(i - 1)` is exactly that. The
 reference's log line of iteration i prints f(i).
@@ -14,16 +14,20 @@ import jax.numpy as jnp
 import optax
 
 
-def learning_rate(config, epoch):
-  """f(epoch) in Python double precision (for logging and tests)."""
+def learning_rate_at(config, step):
+  """f(step) in Python double precision (for logging and tests).
+
+  The reference's WarmupMultiStepLR calls its argument `epoch` but is
+  stepped once per iteration: `step` is that count.
+  """
   s = config.solver
-  if epoch < s.warmup_iters:
-    alpha = epoch / s.warmup_iters
+  if step < s.warmup_iters:
+    alpha = step / s.warmup_iters
     warmup = s.warmup_factor * (1 - alpha) + alpha
   else:
     warmup = 1
   return s.lr * warmup * s.gamma ** bisect.bisect_right(list(s.lr_steps),
-                                                        epoch)
+                                                        step)
 
 
 def learning_rate_schedule(config):

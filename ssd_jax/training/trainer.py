@@ -17,7 +17,7 @@ from clu import metric_writers
 from ssd_jax import models
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.data import prepare
-from ssd_jax.evaluation import evaluate
+from ssd_jax.evaluation import evaluator as evaluator_lib
 from ssd_jax.runtime import sharding
 from ssd_jax.training import checkpointing
 from ssd_jax.training import metrics_log
@@ -68,7 +68,7 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
                                               priors)
   writer = metric_writers.create_default_writer(
       os.path.join(workdir, 'tf_logs'), just_logging=not is_main)
-  evaluator = evaluate.Evaluator(config, workdir, model_def, mesh, priors,
+  evaluator = evaluator_lib.Evaluator(config, workdir, model_def, mesh, priors,
                                  writer, logger)
   start_step = int(state.step)
   train_iter = pipeline.create_train_iterator(config, start_step=start_step)
@@ -200,7 +200,7 @@ class Progress:
   def _log(self, step, current, data_wait_fraction):
     """The reference's log line (+ skipped/fixed examples when non-zero)."""
     config = self.config
-    lr = optim.learning_rate(config, step)
+    lr = optim.learning_rate_at(config, step)
     eta = self.meters.meters['time'].global_avg * (config.solver.max_iter - step)
     line = metrics_log.log_line(step, lr, self.meters, eta, peak_memory_mib())
     skipped = self.data_counts.num_skipped
