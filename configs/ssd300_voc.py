@@ -110,6 +110,12 @@ def get_config():
   test.max_per_class = -1  # not used, as in the reference
   test.max_per_image = 100
   test.batch_size = 10
+  # Post-processing on the device (core/detect.py) instead of the host: the
+  # Detector, eval.py and every exported graph use it. It keeps the best
+  # `candidates_per_class` priors of each class for NMS; where a class has
+  # more above the threshold, the rest are cut (and counted).
+  test.nms_on_device = False
+  test.candidates_per_class = 400
 
   config.seed = 0
   config.output_dir = 'outputs/vgg_ssd300_voc0712'

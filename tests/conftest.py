@@ -1,6 +1,36 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and a JAX compilation cache for the whole run.
+
+The cache is a temporary folder made once per pytest run and passed on by
+environment, so the test processes and the subprocesses the tests start
+(train.py, eval.py, the multi-host workers) compile each program once.
+SSD_JAX_TEST_CACHE=0 turns it off; a JAX_COMPILATION_CACHE_DIR already set
+is used as it is.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
 
 import pytest
+
+_CREATED_CACHE = None
+if (os.environ.get('SSD_JAX_TEST_CACHE', '1') != '0'
+    and 'JAX_COMPILATION_CACHE_DIR' not in os.environ):
+  _CREATED_CACHE = tempfile.mkdtemp(prefix='ssd_jax_test_jit_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CREATED_CACHE
+  # Small programs too: the suite compiles many of them, each many times.
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
+  if 'jax' in sys.modules:  # a plugin imported JAX before the env was set
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update('jax_compilation_cache_dir', _CREATED_CACHE)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
+
+
+def pytest_unconfigure(config):
+  del config
+  if _CREATED_CACHE and 'PYTEST_XDIST_WORKER' not in os.environ:
+    shutil.rmtree(_CREATED_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -14,17 +14,32 @@ torch = pytest.importorskip('torch')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_imported_reference_weights_reproduce_voc_tiny_map(tmp_path):
-  workdir = import_recipe_checkpoint(tmp_path, 'configs/ssd300_voc.py')
-  env = dict(os.environ, PYTHONPATH=ROOT)
+def _eval(workdir, *flags):
   result = subprocess.run(
       [sys.executable, 'eval.py', f'--workdir={workdir}',
-       f'--config.data.voc_root={fixture_path("voc_tiny")}'],
-      cwd=ROOT, env=env, capture_output=True, text=True)
+       f'--config.data.voc_root={fixture_path("voc_tiny")}', *flags],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+      text=True)
   assert result.returncode == 0, result.stderr[-3000:]
-  reference = load_fixture('eval_ref.json')['voc_tiny_model']
   with open(workdir / 'eval' / 'voc_2007_test_120000.json') as f:
-    ours = json.load(f)
+    return result, json.load(f)
+
+
+@pytest.fixture(scope='module')
+def imported_workdir(tmp_path_factory):
+  return import_recipe_checkpoint(tmp_path_factory.mktemp('eval_cli'),
+                                  'configs/ssd300_voc.py')
+
+
+@pytest.fixture(scope='module')
+def host_eval(imported_workdir):
+  """eval.py's (stdout, JSON record) with the host post-processing."""
+  return _eval(imported_workdir)
+
+
+def test_imported_reference_weights_reproduce_voc_tiny_map(host_eval):
+  result, ours = host_eval
+  reference = load_fixture('eval_ref.json')['voc_tiny_model']
   assert ours['step'] == 120000
   # Our test-time resize is TF's bilinear, cv2's up to rounding (SPEC
   # decision 4): 6% of the input values differ by one level, which moves
@@ -48,3 +63,12 @@ def test_imported_reference_weights_reproduce_voc_tiny_map(tmp_path):
       assert '\n' + line + '\n' in result.stdout
       same += 1
   assert same >= 19
+
+
+def test_nms_on_the_device_gives_the_host_paths_map(imported_workdir,
+                                                   host_eval):
+  _, host = host_eval
+  result, device = _eval(imported_workdir, '--config.test.nms_on_device=True')
+  assert 'device NMS: at most' in result.stdout
+  assert device['map'] == pytest.approx(host['map'], abs=1e-4)
+  assert device['map_area'] == pytest.approx(host['map_area'], abs=1e-4)

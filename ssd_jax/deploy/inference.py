@@ -29,6 +29,7 @@ from flax import nnx
 from PIL import Image
 
 from ssd_jax import models
+from ssd_jax.core import detect as detect_lib
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.evaluation import postprocess
 from ssd_jax.runtime import kernels
@@ -178,10 +179,13 @@ class Detector:
     model_def, variables = variables_lib.model_variables(model)
     self._state = jax.device_put(variables,
                                  sharding.replicated_sharding(self._mesh))
-    # uint8 [B, S, S, 3] resized images -> (cls_logits, bbox_pred).
+    # uint8 [B, S, S, 3] resized images -> (cls_logits, bbox_pred), or with
+    # test.nms_on_device (images, threshold) -> core.detect.Detections.
+    self.nms_on_device = bool(config.test.get('nms_on_device', False))
+    forward = (predict_lib.pixels_to_detections if self.nms_on_device
+               else predict_lib.pixels_to_outputs)(model_def, config)
     self._forward = kernels.step_kernels(
-        sharding.mesh_platform(self._mesh)).jit(
-            predict_lib.pixels_to_outputs(model_def, config))
+        sharding.mesh_platform(self._mesh)).jit(forward)
     self._pool = concurrent.futures.ThreadPoolExecutor(
         num_threads or _default_threads(), thread_name_prefix='ssd_detector')
     self.step = None
@@ -209,21 +213,30 @@ class Detector:
   def _padded_size(self, count):
     return next(size for size in self._sizes if size >= count)
 
-  def _dispatch(self, prepared):
+  def _dispatch(self, prepared, config):
     """Starts the forward pass of up to batch_size preprocessed images."""
     size = self._padded_size(len(prepared))
     batch = np.zeros((size, self.image_size, self.image_size, 3), np.uint8)
     for i, (pixels, _) in enumerate(prepared):
       batch[i] = pixels
     batch = jax.device_put(batch, sharding.batch_sharding(self._mesh))
+    if self.nms_on_device:
+      return self._forward(self._state, batch,
+                           np.float32(config.test.confidence_threshold))
     return self._forward(self._state, batch)  # returns before it is done
 
   def _finish(self, prepared, outputs, config):
     count = len(prepared)
-    cls_logits, bbox_pred = (np.asarray(x)[:count] for x in outputs)
     orig_sizes = np.array([hw for _, hw in prepared], np.int64)
-    detections = postprocess.detect(cls_logits, bbox_pred, self.priors,
-                                    orig_sizes, config)
+    if self.nms_on_device:
+      outputs = detect_lib.Detections(*(np.asarray(x)[:count]
+                                        for x in outputs))
+      detections = detect_lib.to_host_detections(outputs, orig_sizes,
+                                                 self.image_size)
+    else:
+      cls_logits, bbox_pred = (np.asarray(x)[:count] for x in outputs)
+      detections = postprocess.detect(cls_logits, bbox_pred, self.priors,
+                                      orig_sizes, config)
     for det in detections:
       det['class_names'] = [self.class_names[label] for label in det['labels']]
     return detections
@@ -257,7 +270,7 @@ class Detector:
       prepared = [future.result() for future in loading]
       if k + 1 < len(chunks):  # decode the next batch during this one
         loading = submit(chunks[k + 1])
-      outputs = self._dispatch(prepared)
+      outputs = self._dispatch(prepared, config)
       if pending is not None:
         results.extend(self._finish(*pending, config))
       pending = (prepared, outputs)

@@ -14,6 +14,7 @@ logs: `reports` does, and `evaluator.Evaluator` runs both for every test set.
 import numpy as np
 import tqdm
 
+from ssd_jax.core import detect as detect_lib
 from ssd_jax.evaluation import coco_eval
 from ssd_jax.evaluation import postprocess
 from ssd_jax.evaluation import voc_eval
@@ -51,9 +52,17 @@ def detect_dataset(predict_fn, batches, priors, config, *, num_images=None,
     valid = np.flatnonzero(np.asarray(batch['valid'], bool))
     if num_images is not None:
       valid = valid[:num_images - len(detections)]
-    cls_logits, bbox_pred = (np.asarray(x) for x in outputs)
-    dets = postprocess.detect(cls_logits[valid], bbox_pred[valid], priors,
-                              np.asarray(batch['orig_size'])[valid], config)
+    orig_sizes = np.asarray(batch['orig_size'])[valid]
+    if isinstance(outputs, detect_lib.Detections):  # NMS ran on the device
+      outputs = detect_lib.Detections(*(np.asarray(x)[valid] for x in outputs))
+      dets = detect_lib.to_host_detections(outputs, orig_sizes,
+                                           config.input.image_size)
+      for det, candidates in zip(dets, outputs.num_candidates):
+        det['max_class_candidates'] = int(candidates.max())
+    else:
+      cls_logits, bbox_pred = (np.asarray(x) for x in outputs)
+      dets = postprocess.detect(cls_logits[valid], bbox_pred[valid], priors,
+                                orig_sizes, config)
     for i, det in zip(valid, dets):
       mask = np.asarray(batch['mask'][i], bool)
       det['image_id'] = image_id_str(batch['image_id'][i])
@@ -114,7 +123,8 @@ def evaluate_dataset(predict_fn, batches, priors, config, class_names, *,
 
   Args:
     predict_fn: images [b, S, S, 3] -> (cls_logits [b, P, C],
-      bbox_pred [b, P, 4]); typically jit-compiled, so it returns before the
+      bbox_pred [b, P, 4]), or `core.detect.Detections` where the NMS runs
+      on the device; typically jit-compiled, so it returns before the
       device has finished (predict_lib.make_predict_step: uint8 pixels in).
     batches: iterable of dicts of numpy arrays: 'image' [b, S, S, 3] as
       predict_fn takes them (the eval pipeline's: uint8 RGB pixel values,
@@ -138,7 +148,9 @@ def evaluate_dataset(predict_fn, batches, priors, config, class_names, *,
     with the area-under-curve AP, 'ap' and 'ap_area': float64
     [len(class_names)] per-label AP (NaN for background and for classes
     without non-difficult ground truth), 'detections': per image a dict
-    {'image_id', 'boxes' [K, 4] original pixels, 'labels' [K], 'scores' [K]},
+    {'image_id', 'boxes' [K, 4] original pixels, 'labels' [K], 'scores' [K]}
+    (on-device NMS adds 'max_class_candidates': the most priors of one class
+    above the threshold, to compare with test.candidates_per_class),
     'num_images'}.
   """
   detections, ground_truth = detect_dataset(

@@ -83,6 +83,10 @@ class Evaluator:
       result = evaluate.score_dataset(detections, ground_truth, class_names,
                                       coco=batches.coco)
       results[name] = result
+      nms_line = reports.device_nms_line(
+          detections, self.config.test.get('candidates_per_class', 0))
+      if nms_line:
+        self.logger.info('%s: %s', name, nms_line)
       if batches.coco is not None:
         reports.report_coco(result, self.workdir, name, step, self.writer,
                             self.logger)

@@ -46,6 +46,22 @@ def result_text(result, class_names):
   return voc_eval.format_results(result['ap'], result['map'], class_names)
 
 
+def device_nms_line(detections, candidates_per_class):
+  """One log line on the device NMS's per-class cut, or None (host NMS).
+
+  `detections` as `evaluate.detect_dataset` returns them; with the NMS on
+  the device each holds 'max_class_candidates'.
+  """
+  most = [d['max_class_candidates'] for d in detections
+          if 'max_class_candidates' in d]
+  if not most:
+    return None
+  cut = sum(m > candidates_per_class for m in most)
+  return (f'device NMS: at most {max(most)} candidates of one class in an '
+          f'image (test.candidates_per_class {candidates_per_class}); '
+          f'{cut} of {len(most)} images had a class cut')
+
+
 def report_voc(result, class_names, workdir, name, step, writer, logger):
   """Logs the VOC table, writes W/eval/<name>_<step>.json and the scalars.
 

@@ -3,11 +3,17 @@
 Input contract: RGB pixel values [B,S,S,3] (uint8, or float), not
 mean-subtracted; the mean (config.input.pixel_mean) is subtracted on the
 device, so images cross to it as uint8. Outputs: float32 raw logits
-[B,P,C] and encoded boxes [B,P,4], P the number of priors.
+[B,P,C] and encoded boxes [B,P,4], P the number of priors; or, with the
+post-processing on the device (`test.nms_on_device`), `core.detect`'s padded
+Detections.
 """
+
+import functools
 
 import jax.numpy as jnp
 
+from ssd_jax.core import detect as detect_lib
+from ssd_jax.core import priors as priors_lib
 from ssd_jax.runtime import kernels
 from ssd_jax.runtime import sharding
 from ssd_jax.runtime import variables as variables_lib
@@ -45,8 +51,22 @@ def pixels_to_outputs(model_def, config):
   return fn
 
 
+def pixels_to_detections(model_def, config):
+  """-> pure `fn(variables, pixels, confidence_threshold) -> Detections`:
+  `pixels_to_outputs` followed by `core.detect.detect` (the threshold may be
+  a traced scalar)."""
+  forward = pixels_to_outputs(model_def, config)
+  priors = priors_lib.generate_priors(config)
+
+  def fn(variables, pixels, confidence_threshold):
+    cls_logits, bbox_pred = forward(variables, pixels)
+    return detect_lib.detect(cls_logits, bbox_pred, priors, config,
+                             confidence_threshold=confidence_threshold)
+  return fn
+
+
 def make_predict_step(config, model_def, mesh=None, *, platform=None,
-                      cpu_kernels=None):
+                      cpu_kernels=None, nms_on_device=None):
   """The jit-compiled `predict_step(variables, images) -> (cls_logits, bbox_pred)`.
 
   `images` [B,S,S,3] RGB pixel values, uint8 (what the eval pipeline
@@ -59,14 +79,23 @@ def make_predict_step(config, model_def, mesh=None, *, platform=None,
 
   `platform`: where the step runs (default: the platform of `mesh`'s
   devices, or JAX's default backend without a mesh); `cpu_kernels` as in
-  `kernels.step_kernels`.
+  `kernels.step_kernels`. `nms_on_device` (default
+  `config.test.nms_on_device`): the step returns `core.detect.Detections` at
+  the config's threshold instead of the raw outputs.
   """
   if platform is None and mesh is not None:
     platform = sharding.mesh_platform(mesh)
+  if nms_on_device is None:
+    nms_on_device = bool(config.test.get('nms_on_device', False))
   choice = kernels.step_kernels(platform, cpu_kernels)
-  fn = pixels_to_outputs(model_def, config)
+  if nms_on_device:
+    fn = functools.partial(
+        pixels_to_detections(model_def, config),
+        confidence_threshold=float(config.test.confidence_threshold))
+  else:
+    fn = pixels_to_outputs(model_def, config)
   if mesh is None:
     return choice.jit(fn)
   batch = sharding.batch_sharding(mesh)
   return choice.jit(fn, in_shardings=(sharding.replicated_sharding(mesh), batch),
-                    out_shardings=(batch, batch))
+                    out_shardings=batch)
