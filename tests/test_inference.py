@@ -226,3 +226,26 @@ def test_from_torch(tmp_path):
   loaded = nnx.to_pure_dict(state.params)
   jax.tree.map(np.testing.assert_array_equal, loaded, expected)
   detector.close()
+
+
+def test_nms_on_device_gives_the_host_paths_detections(tiny_voc,
+                                                       tiny_detector):
+  model, config = tiny_voc
+  config = config.copy_and_resolve_references()
+  config.test.nms_on_device = True
+  config.test.candidates_per_class = 10_000  # every prior: nothing cut
+  device = inference.Detector(model, config, batch_size=4)
+  paths = _jpeg_paths()
+  try:
+    for threshold in (0.01, 0.3):
+      ours = device(paths, score_threshold=threshold)
+      theirs = tiny_detector(paths, score_threshold=threshold)
+      for det, host in zip(ours, theirs):
+        detection_checks.assert_same_detections(
+            det, host['boxes'], host['labels'], host['scores'],
+            score_atol=1e-5, box_atol=1e-3)
+        assert det['class_names'] == host['class_names']
+    # Compiled for the two batch sizes (4, then the 1 left), not per threshold.
+    assert device._forward._cache_size() == 2  # pylint: disable=protected-access
+  finally:
+    device.close()
