@@ -35,13 +35,17 @@ def main(argv):
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import resume  # pylint: disable=g-import-not-at-top
+  workdir = FLAGS.workdir or FLAGS.config.output_dir
   try:
-    trainer.train_and_evaluate(FLAGS.config,
-                               FLAGS.workdir or FLAGS.config.output_dir,
+    trainer.train_and_evaluate(FLAGS.config, workdir,
                                allow_config_change=FLAGS.allow_config_change)
   except (checkpointing.CheckpointMismatchError,
           resume.ConfigChangedError) as e:
     sys.exit(f'train.py: {e}')
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    from ssd_jax.training import report  # pylint: disable=g-import-not-at-top
+    print(f'Training report: {report.write_report(workdir)}')
 
 
 if __name__ == '__main__':

@@ -181,3 +181,34 @@ def test_bad_examples_are_skipped_and_counted(tmp_path):
                    re.MULTILINE)
   assert ('voc_2007_test: skipped 1 of 4 examples (unreadable_image: 1)'
           in log)
+
+
+def test_training_report_plots_the_logs_values(uninterrupted, monkeypatch):
+  from matplotlib import axes  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import report  # pylint: disable=g-import-not-at-top
+  _, workdir = uninterrupted
+  plotted = {}
+  original = axes.Axes.plot
+
+  def recording_plot(self, x, y, *args, label=None, **kwargs):
+    plotted[label] = (list(x), list(y))
+    return original(self, x, y, *args, label=label, **kwargs)
+
+  monkeypatch.setattr(axes.Axes, 'plot', recording_plot)
+  readme = report.write_report(str(workdir))
+  # The log's printed window means, line by line.
+  logged = [LINE.match(l) for l in (workdir / 'log.txt').read_text()
+            .splitlines()]
+  logged = [m for m in logged if m]
+  assert plotted['total_loss'][0] == list(range(1, 45))
+  assert plotted['total_loss'][1] == [float(m.group(3)) for m in logged]
+  assert plotted['lr'][1] == [float(m.group(2)) for m in logged]
+  with open(workdir / 'eval' / 'voc_2007_test_44.json') as f:
+    final = json.load(f)
+  assert plotted['voc_2007_test mAP'][1][-1] == final['map']
+  for name in ('loss.png', 'lr.png', 'metrics.png'):
+    assert (workdir / 'report' / name).stat().st_size > 1000
+  text = open(readme).read()
+  assert '![loss](loss.png)' in text and '| circle |' in text
+  assert 'Iterations 1 to 44 logged' in text and 's per iteration' in text
+  assert '"max_iter": 44' in text
