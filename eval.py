@@ -5,8 +5,15 @@ W, evaluates every dataset of `config.data.test`, prints the reference's table
 and writes W/eval/<dataset>_<step>.json and TensorBoard scalars.
 Config values can be overridden, e.g. `--config.data.voc_root=DIR`; with
 `--config=FILE` the config comes from FILE instead of W.
+
+`python eval.py --config=configs/ssd300_voc.py --benchmark
+[--benchmark_images=4952] [--benchmark_batch_size=N]` times the evaluation
+path (forward, post-processing, VOC AP) on synthetic images instead: no
+workdir, dataset or TensorFlow needed; it prints its figures and, last, one
+JSON line.
 """
 
+import json
 import sys
 
 from absl import app
@@ -20,6 +27,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir written by train.py or '
                     'ssd_jax.interop.torch_import.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+flags.DEFINE_bool('benchmark', False, 'Time the evaluation on synthetic '
+                  'images (needs --config, not --workdir).')
+flags.DEFINE_integer('benchmark_images', 4952, 'Images of --benchmark.')
+flags.DEFINE_integer('benchmark_batch_size', None, 'Batch size of '
+                     '--benchmark (default: config.test.batch_size).')
 launch.define_flags()
 
 
@@ -40,7 +52,7 @@ def _define_config_flag(argv):
     return
   workdir = _flag_value(argv, 'workdir')
   if not workdir:
-    sys.exit('eval.py: --workdir is required')
+    sys.exit('eval.py: --workdir is required (or --config with --benchmark)')
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   try:
     config = checkpointing.load_config(workdir)
@@ -56,6 +68,8 @@ def main(argv):
   # Our own log lines go through the 'SSD.*' loggers; keep absl's (clu's
   # per-scalar lines, Orbax's progress) to warnings.
   logging.set_verbosity(logging.WARNING)
+  if FLAGS.benchmark:
+    return run_benchmark()
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required')
   launch.setup(FLAGS.config, FLAGS)
@@ -68,6 +82,21 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if not results and jax.process_index() == 0:  # others report nothing
     sys.exit(1)
+
+
+def run_benchmark():
+  launch.setup(FLAGS.config, FLAGS)
+  from ssd_jax.evaluation import benchmark  # pylint: disable=g-import-not-at-top
+  figures = benchmark.benchmark_evaluation(
+      FLAGS.config, num_images=FLAGS.benchmark_images,
+      batch_size=FLAGS.benchmark_batch_size)
+  print(f'eval benchmark on {figures["device"]}: {figures["num_images"]} '
+        f'synthetic images at batch {figures["batch_size"]}, NMS on the '
+        f'{figures["nms"]}: {figures["seconds"]:.2f} s '
+        f'({figures["images_per_sec"]:.1f} images/s; forward alone '
+        f'{figures["forward_images_per_sec"]:.1f} images/s; compiled in '
+        f'{figures["compile_seconds"]:.1f} s)')
+  print(json.dumps(figures))
 
 
 if __name__ == '__main__':

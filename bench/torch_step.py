@@ -197,7 +197,13 @@ def main():
                       else 'cpu')
   parser.add_argument('--amp', action='store_true',
                       help='autocast (float16 on CUDA, bfloat16 on CPU)')
+  parser.add_argument('--no_cudnn_benchmark', action='store_true',
+                      help='leave cudnn.benchmark off (the reference sets it)')
   args = parser.parse_args()
+  # The reference's train.py sets it: cuDNN picks the fastest convolution
+  # algorithms for the fixed input shape; without it the baseline is slower
+  # than the reference runs and a ratio against it would flatter us.
+  torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
   bench = TorchStep(args.batch_size, args.device, args.amp)
   best = min(bench.run(args.steps) for _ in range(args.repeats))
   peak = None
@@ -215,6 +221,7 @@ def main():
                if args.amp else 'float32',
       'steps': args.steps,
       'peak_memory_mib': peak,
+      'cudnn_benchmark': torch.backends.cudnn.benchmark,
       'device': name,
       'torch': torch.__version__,
   }))
