@@ -2,8 +2,16 @@
 
 Config values are overridden with flags such as `--config.solver.batch_size=8`.
 Running the same command again resumes from the latest checkpoint in W.
+
+`python train.py --config=configs/ssd300_voc.py --benchmark
+[--benchmark_steps=50] [--benchmark_warmup=5]` runs the real train step,
+loop, prefetching and log lines on synthetic batches of the config's shapes
+instead (no dataset, workdir, evaluation, TensorFlow or clu) and prints
+images/s, step-time percentiles, compile time and peak memory, then one
+JSON line.
 """
 
+import json
 import sys
 
 from absl import app
@@ -21,6 +29,11 @@ flags.DEFINE_string('workdir', None,
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even if the config differs from the saved one in '
                   'a field that changes the data stream or the optimizer.')
+flags.DEFINE_bool('benchmark', False, 'Time the training loop on synthetic '
+                  'batches (no dataset, no checkpoints).')
+flags.DEFINE_integer('benchmark_steps', 50, 'Timed iterations of --benchmark.')
+flags.DEFINE_integer('benchmark_warmup', 5, 'Untimed first iterations of '
+                     '--benchmark (the first compiles).')
 launch.define_flags()
 flags.mark_flags_as_required(['config'])
 
@@ -32,6 +45,13 @@ def main(argv):
   # per-scalar lines, Orbax's progress) to warnings.
   logging.set_verbosity(logging.WARNING)
   launch.setup(FLAGS.config, FLAGS)
+  if FLAGS.benchmark:
+    from ssd_jax.training import benchmark  # pylint: disable=g-import-not-at-top
+    figures = benchmark.benchmark_training(
+        FLAGS.config, steps=FLAGS.benchmark_steps,
+        warmup=FLAGS.benchmark_warmup)
+    print(json.dumps(figures))
+    return
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import resume  # pylint: disable=g-import-not-at-top

@@ -46,3 +46,26 @@ def test_eval_benchmark():
       '--benchmark_images=40', '--benchmark_batch_size=16',
       '--config.test.nms_on_device=True')
   assert device['nms'] == 'device' and device['num_images'] == 40
+
+
+def test_train_benchmark_runs_the_real_step_and_is_deterministic():
+  flags = ['--config=configs/shapes_demo.py', '--benchmark',
+           '--benchmark_steps=3', '--benchmark_warmup=1',
+           '--config.solver.batch_size=4', '--config.log_step=2']
+  out, figures = run_without_tensorflow('train.py', *flags)
+  assert 'SSD.benchmark INFO: iter: 000002, lr:' in out
+  assert 'Benchmark: ' in out and 'images/s, step p50' in out
+  assert figures['batch_size'] == 4 and figures['steps'] == 3
+  assert figures['images_per_sec'] > 0 and figures['compile_seconds'] > 0
+  assert set(figures['step_ms']) == {'p50', 'p90', 'p99', 'mean'}
+  assert figures['compiled_memory_mib']['total'] > 0
+  assert len(figures['losses']) == 4
+  # The same run in this process: bit-identical losses and parameters.
+  from configs import shapes_demo  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import benchmark  # pylint: disable=g-import-not-at-top
+  config = shapes_demo.get_config()
+  config.solver.batch_size = 4
+  config.log_step = 2
+  again = benchmark.benchmark_training(config, steps=3, warmup=1)
+  assert again['losses'] == figures['losses']
+  assert again['fingerprint'] == figures['fingerprint']

@@ -3,7 +3,6 @@
 import os
 
 import jax
-from clu import metric_writers
 from flax import nnx
 
 from ssd_jax import models
@@ -14,6 +13,7 @@ from ssd_jax.runtime import sharding
 from ssd_jax.runtime import variables as variables_lib
 from ssd_jax.training import checkpointing
 from ssd_jax.training import metrics_log
+from ssd_jax.training import writers
 
 
 LOGGER_NAME = 'SSD.eval'
@@ -40,8 +40,8 @@ def evaluate_workdir(config, workdir, step=None):
   mesh = sharding.create_mesh()
   model_def, variables = variables_lib.model_variables(model)
   variables = sharding.replicate(variables, mesh)
-  writer = metric_writers.create_default_writer(
-      os.path.join(workdir, 'tf_logs'), just_logging=jax.process_index() > 0)
+  writer = writers.create_writer(os.path.join(workdir, 'tf_logs'),
+                                 just_logging=jax.process_index() > 0)
   evaluator = evaluator_lib.Evaluator(config, workdir, model_def, mesh,
                                  priors_lib.generate_priors(config), writer,
                                  logger)

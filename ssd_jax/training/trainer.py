@@ -12,7 +12,6 @@ import time
 
 import jax
 import numpy as np
-from clu import metric_writers
 
 from ssd_jax import models
 from ssd_jax.core import priors as priors_lib
@@ -24,6 +23,7 @@ from ssd_jax.training import metrics_log
 from ssd_jax.training import optim
 from ssd_jax.training import resume
 from ssd_jax.training import train_step as train_step_lib
+from ssd_jax.training import writers
 
 LOGGER_NAME = 'SSD.trainer'
 
@@ -66,8 +66,8 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   priors = priors_lib.generate_priors(config)
   train_step = train_step_lib.make_train_step(config, model_def, tx, mesh,
                                               priors)
-  writer = metric_writers.create_default_writer(
-      os.path.join(workdir, 'tf_logs'), just_logging=not is_main)
+  writer = writers.create_writer(os.path.join(workdir, 'tf_logs'),
+                                 just_logging=not is_main)
   evaluator = evaluator_lib.Evaluator(config, workdir, model_def, mesh, priors,
                                  writer, logger)
   start_step = int(state.step)
@@ -147,7 +147,8 @@ class Progress:
   and writes the reference's log line and the TensorBoard scalars.
   """
 
-  def __init__(self, config, logger, writer, checkpointer, data_counts):
+  def __init__(self, config, logger, writer, checkpointer=None,
+               data_counts=None):
     self.config, self.logger, self.writer = config, logger, writer
     self.checkpointer = checkpointer
     self.data_counts = data_counts
@@ -188,7 +189,8 @@ class Progress:
     values = jax.device_get(self.pending)
     for iteration, v in values:
       if not (np.isfinite(v['total_loss']) and np.isfinite(v['grad_norm'])):
-        latest = self.checkpointer.latest_step()
+        latest = (self.checkpointer.latest_step()
+                  if self.checkpointer is not None else None)
         kept = (f'the last checkpoint (iteration {latest}) is intact'
                 if latest is not None else 'no checkpoint was written yet')
         raise NonFiniteLossError(
@@ -203,8 +205,9 @@ class Progress:
     lr = optim.learning_rate_at(config, step)
     eta = self.meters.meters['time'].global_avg * (config.solver.max_iter - step)
     line = metrics_log.log_line(step, lr, self.meters, eta, peak_memory_mib())
-    skipped = self.data_counts.num_skipped
-    fixed = self.data_counts.num_fixed
+    counts = self.data_counts
+    skipped = counts.num_skipped if counts is not None else 0
+    fixed = counts.num_fixed if counts is not None else 0
     if skipped or fixed:
       line += f', data: {skipped} skipped, {fixed} fixed'
     self.logger.info(line)

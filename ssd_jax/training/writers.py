@@ -7,6 +7,7 @@ installed (a GPU machine with JAX only, the benchmark modes), metrics go to
 dropped there. Both writers have the same methods (clu's MetricWriter).
 """
 
+import importlib
 import json
 import os
 
@@ -55,7 +56,7 @@ class PlainWriter:
 def tensorboard_available():
   """Whether clu's TensorBoard writer can be imported (TensorFlow and clu)."""
   try:
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module('clu.metric_writers')
   except ImportError:
     return False
   return True
