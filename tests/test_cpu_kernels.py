@@ -25,6 +25,7 @@ from ssd_jax.runtime import sharding
 from ssd_jax.runtime import variables as variables_lib
 from ssd_jax.training import optim
 from ssd_jax.training import train_step as train_step_lib
+from tests import train_step_parity
 from tests.reference_data import load_fixture
 
 
@@ -159,111 +160,21 @@ def test_steps_choose_the_kernels_by_device_platform(monkeypatch):
   assert kernels.compiler_options('gpu') is None
 
 
-def update_errors(fixture, iteration, ours, initial, relative_floor):
-  """Per-tensor update error vs the reference's float32-vs-float64 distance.
-
-  For key i: ||our update - reference update|| / ||float64 reference update
-  - float32 reference update||, both over the fixture's sampled entries; the
-  distance is floored at `relative_floor` x the update's norm.
-  """
-  ratios = {}
-  for i, key in enumerate(fixture['keys']):
-    index = fixture[f'idx{i}']
-    ours_update = (ours[key].ravel()[index].astype(np.float64) -
-                   initial[key].ravel()[index])
-    reference = fixture[f'upd{iteration}_{i}']
-    distance = np.linalg.norm(fixture[f'upd{iteration}_64_{i}'] - reference)
-    distance = max(distance, relative_floor * np.linalg.norm(reference))
-    ratios[str(key)] = np.linalg.norm(ours_update - reference) / distance
-  return ratios
-
-
-def largest_relative_distance(fixture, iteration):
-  """max over tensors of ||float64 - float32 update|| / ||update||."""
-  return max(
-      np.linalg.norm(fixture[f'upd{iteration}_64_{i}'] -
-                     fixture[f'upd{iteration}_{i}']) /
-      np.linalg.norm(fixture[f'upd{iteration}_{i}'])
-      for i in range(len(fixture['keys'])))
-
-
 @pytest.fixture(scope='module')
 def train_step_fixture():
   return load_fixture('train_step.npz')
 
 
-def run_reference_iterations(config, fixture, cpu_kernels):
-  """The fixture's three SGD iterations with our train step.
-
-  Returns:
-    (losses [3, 2] (reg, cls) before each update, {1: state dict after
-    iteration 1, 3: after iteration 3}, the initial state dict), state dicts
-    in the reference's layout.
-  """
-  from ssd_jax.interop import torch_import  # pylint: disable=g-import-not-at-top
-  from tests.recipe import recipe_state_dict  # pylint: disable=g-import-not-at-top
-  initial = recipe_state_dict()
-  model = nnx.eval_shape(lambda: models.create_model(config))
-  torch_import.load_detector_state_dict(model, initial)
-  tx = optim.create_optimizer(config)
-  mesh = sharding.create_mesh(jax.devices()[:1])
-  model_def, state = train_step_lib.create_train_state(model, tx, mesh)
-  step = train_step_lib.make_train_step(config, model_def, tx, mesh,
-                                   cpu_kernels=cpu_kernels)
-  images = np.random.RandomState(int(fixture['image_seed'])).normal(
-      0, 50, (3, 4, 3, 300, 300)).astype(np.float32).transpose(0, 1, 3, 4, 2)
-  max_boxes = config.data.max_boxes
-  losses, updated = [], {}
-  for it in range(3):
-    num = fixture['num'][it]
-    boxes = np.zeros((4, max_boxes, 4), np.float32)
-    labels = np.zeros((4, max_boxes), np.int32)
-    boxes[:, :12], labels[:, :12] = fixture['boxes'][it], fixture['labels'][it]
-    mask = np.arange(max_boxes)[None] < num[:, None]
-    batch = {'image': images[it], 'boxes': boxes * mask[..., None],
-             'labels': labels * mask, 'mask': mask}
-    state, metrics = step(state, sharding.global_batch(batch, mesh))
-    losses.append((float(metrics['reg_loss']), float(metrics['cls_loss'])))
-    if it in (0, 2):
-      trained = nnx.merge(model_def.train, state.params, state.model_state)
-      updated[it + 1] = torch_import.reference_state_dict(trained)
-  return np.asarray(losses), updated, initial
-
-
-def reference_config(ssd300_config):
-  """SSD300 as the fixture's run: weight decay 0.05, images as given."""
-  config = ssd300_config.copy_and_resolve_references()
-  config.solver.weight_decay = 0.05
-  # The fixture's images are mean-subtracted already.
-  config.input.pixel_mean = (0.0, 0.0, 0.0)
-  return config
-
-
 @pytest.mark.parametrize('cpu_kernels', [True, False])
 def test_train_step_equals_reference_trainer(ssd300_config, train_step_fixture,
                                              cpu_kernels):
-  ref = train_step_fixture
-  config = reference_config(ssd300_config)
+  config = train_step_parity.reference_config(ssd300_config)
   np.testing.assert_allclose(
-      [optim.learning_rate_at(config, i) for i in range(3)], ref['lrs'],
-      rtol=1e-12)
-  losses, updated, initial = run_reference_iterations(config, ref,
-                                                      cpu_kernels)
-
-  # Losses: within a few times the reference's own float32-vs-float64 gap.
-  loss_gap = np.abs(ref['losses'] - ref['losses64'])
-  np.testing.assert_array_less(np.abs(losses - ref['losses']),
-                               5 * loss_gap + 1e-5 * np.abs(ref['losses']))
-  # Iteration 1 starts from the same weights: every tensor's update within
-  # a few times its own float32-vs-float64 distance. Later, near-tied
-  # negatives of the hard-negative mining flip differently in every float32
-  # run and the differences grow: the reference's own two runs differ by up
-  # to 4e-2 (relative) on one tensor, others on another, so iteration 3
-  # allows any tensor that much (a wrong momentum or schedule is far more).
-  for iteration, floor in ((1, 1e-6),
-                           (3, largest_relative_distance(ref, 3))):
-    ratios = update_errors(ref, iteration, updated[iteration], initial, floor)
-    worst = max(ratios, key=ratios.get)
+      [optim.learning_rate_at(config, i) for i in range(3)],
+      train_step_fixture['lrs'], rtol=1e-12)
+  result = train_step_parity.check(config, train_step_fixture, cpu_kernels)
+  for iteration, (worst, ratio) in result['worst_update_ratio'].items():
     print(f'iteration {iteration}, cpu_kernels={cpu_kernels}: largest update '
-          f'error / f32-vs-f64 distance {ratios[worst]:.2f} ({worst})')
-    assert ratios[worst] < 5, (iteration, worst, ratios[worst])
+          f'error / f32-vs-f64 distance {ratio:.2f} ({worst})')
+  assert result['losses_ok'], result['loss_errors']
+  assert result['ok'], result['worst_update_ratio']
