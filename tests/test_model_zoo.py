@@ -279,6 +279,7 @@ def test_mobilenet_v3_imagenet_weights_load_like_the_reference():
 def test_mobilenet_trains_and_evaluates_end_to_end(tmp_path):
   """MobileNetV3-SSDLite through the trainer on shapes data: finite losses,
   checkpoints, the evaluation JSON; then restored by the evaluator alone."""
+  pytest.importorskip('tensorflow')  # the input pipeline
   config = tiny_mobilenet_shapes_config(tmp_path / 'shapes', 'mobilenet_v3',
                                         num_train=16, num_test=4)
   config.solver.max_iter = 4
