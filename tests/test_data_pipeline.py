@@ -1,6 +1,8 @@
 """Tests of ssd_jax.data.pipeline and ssd_jax.data.shapes."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -291,6 +293,12 @@ def test_shapes_objects_are_visible_and_sized():
 
 
 def test_shapes_cli(tmp_path):
-  shapes.main(['--out', str(tmp_path), '--num-train', '3', '--num-test', '1',
-               '--image-size', '48', '--seed', '2'])
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, 'make_shapes.py', f'--out={tmp_path}', '--num_train=3',
+       '--num_test=1', '--image_size=48', '--seed=2'],
+      cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True,
+      text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'wrote 3 trainval + 1 test images' in result.stdout
   assert len(os.listdir(tmp_path / 'VOC2007' / 'JPEGImages')) == 4

@@ -17,11 +17,10 @@ Every class has its own shape and a hue band, objects are 15-55% of the image
 side, so a small SSD learns them in minutes. One image in about seven also
 gets a tiny object marked difficult; objects cut by the border are truncated.
 
-  python -m ssd_jax.data.shapes --out DIR [--num-train N] [--num-test N] \
-      [--image-size S] [--seed K]
+  python make_shapes.py --out=DIR [--num_train=N] [--num_test=N] \
+      [--image_size=S] [--seed=K]
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -261,23 +260,3 @@ def ensure_dataset(root, *, num_train=2000, num_test=500, image_size=160,
     check_existing()
   shutil.rmtree(tmp, ignore_errors=True)
   return root
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--out', required=True, help='output folder (voc_root)')
-  parser.add_argument('--num-train', type=int, default=2000,
-                      help='trainval images (a tenth of them form val)')
-  parser.add_argument('--num-test', type=int, default=500)
-  parser.add_argument('--image-size', type=int, default=160,
-                      help='long side of the images in pixels')
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
-  generate(args.out, num_train=args.num_train, num_test=args.num_test,
-           image_size=args.image_size, seed=args.seed)
-  print(f'wrote {args.num_train} trainval + {args.num_test} test images to '
-        f'{os.path.join(args.out, "VOC2007")}')
-
-
-if __name__ == '__main__':
-  main()
