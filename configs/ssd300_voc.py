@@ -21,7 +21,6 @@ def get_config():
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()
-  model.meta_architecture = 'SSDDetector'
   model.num_classes = 21
   model.threshold = 0.5
   model.neg_pos_ratio = 3

@@ -13,6 +13,7 @@ from configs import ssd300_coco
 from configs import ssd300_voc
 from ssd_jax.data import coco
 from ssd_jax.data import pipeline
+from ssd_jax.data import records
 from ssd_jax.data import sources
 import coco_testing
 import voc_testing
@@ -110,17 +111,17 @@ def test_voc_and_coco_do_not_mix_in_one_index():
       os.path.join(os.path.dirname(__file__), 'fixtures', 'voc_tiny'),
       'voc_2007_test', ssd300_voc.VOC_CLASSES)
   train = coco.folder_index(COCO_TINY, 'coco_2014_minival', training=True)
-  assert len(sources.Index.concatenate([train, train])) == 8
+  assert len(records.Index.concatenate([train, train])) == 8
   with pytest.raises(ValueError, match='cannot mix datasets'):
-    sources.Index.concatenate([voc, train])
+    records.Index.concatenate([voc, train])
 
 
 def test_missing_or_malformed_dataset_says_what_to_do(tmp_path):
-  with pytest.raises(sources.DatasetNotFoundError,
+  with pytest.raises(records.DatasetNotFoundError,
                      match=r'instances_minival2014.json does not exist.*'
                      'coco_root'):
     coco.folder_index(str(tmp_path), 'coco_2014_minival', training=False)
-  with pytest.raises(sources.DatasetNotFoundError,
+  with pytest.raises(records.DatasetNotFoundError,
                      match='coco_2014_minival.*needs --config.data.coco_root'):
     coco.load_index('', '', 'coco_2014_minival', training=False)
   os.makedirs(tmp_path / 'annotations')

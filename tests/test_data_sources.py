@@ -8,6 +8,7 @@ from PIL import Image
 
 from configs import ssd300_voc
 from ssd_jax.data import shapes
+from ssd_jax.data import records
 from ssd_jax.data import sources
 import voc_testing
 
@@ -49,10 +50,10 @@ def test_custom_class_names_and_folder_names(tmp_path):
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
-  with pytest.raises(sources.DatasetNotFoundError,
+  with pytest.raises(records.DatasetNotFoundError,
                      match='voc_root.*VOC2007.*TFDS'):
     sources.folder_index(str(tmp_path), 'voc_2007_trainval', VOC)
-  with pytest.raises(sources.DatasetNotFoundError,
+  with pytest.raises(records.DatasetNotFoundError,
                      match=r'tfds build voc/2007.*manual_dir.*voc_root'):
     sources.tfds_index('voc_2007_test', VOC, str(tmp_path / 'no_tfds'))
   with pytest.raises(ValueError, match='not in TFDS'):
@@ -74,7 +75,7 @@ def test_tfds_backend_equals_folder_backend(tmp_path, monkeypatch):
   infos = {}
   for fname in voc.Voc.BUILDER_CONFIGS[0].filenames.values():
     info = checksums.compute_url_info(os.path.join(tars, fname))
-    infos[os.path.join(voc._VOC_DATA_URL, fname)] = checksums.UrlInfo(  # pylint: disable=protected-access
+    infos[os.path.join(voc._VOC_DATA_URL, fname)] = checksums.UrlInfo(
         size=info.size, checksum=info.checksum, filename=fname)
   monkeypatch.setattr(voc.Voc, 'url_infos', infos)
   data_dir = str(tmp_path / 'tfds')
@@ -209,7 +210,7 @@ def test_bad_input_is_skipped_or_fixed_and_counted(bad_root):
 
 
 def test_counts_summary_line():
-  counts = sources.Counts()
+  counts = records.Counts()
   counts.num_listed = 10
   assert counts.summary() == 'skipped 0 of 10 examples'
   counts.skipped['missing_image'] += 2

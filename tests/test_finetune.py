@@ -28,8 +28,8 @@ IMPORTED_STEP = 8
 _IMPORT_WITHOUT_TORCH = '''
 import runpy, sys
 sys.modules['torch'] = None
-sys.argv = ['torch_import'] + sys.argv[1:]
-runpy.run_module('ssd_jax.interop.torch_import', run_name='__main__')
+sys.argv = ['import_torch.py'] + sys.argv[1:]
+runpy.run_path('import_torch.py', run_name='__main__')
 '''
 
 

@@ -4,7 +4,9 @@ The reference (lufficc/SSD `build_transforms(is_train=True)`) runs, in order:
 ConvertFromInts, PhotometricDistort, Expand, RandomSampleCrop, RandomMirror,
 ToPercentCoords, Resize, SubtractMeans, dropping boxes with x1 == x2 or
 y1 == y2 after every step. This module reproduces its distributions with three
-changes (SPEC "Decisions" 3 and 4):
+deliberate changes, each because the reference's behaviour is an accident
+of its code rather than a choice of the method (an off-by-one range, an
+unbounded loop that only stalls, a crash on crowded images):
 
 * the crop offset is uniform in [0, W - w] x [0, H - h] (the reference's
   one-argument `numpy.random.uniform` draws from [1, W - w]);

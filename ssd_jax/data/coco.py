@@ -1,6 +1,6 @@
 """COCO-format datasets: an annotation json + an image folder, or TFDS coco.
 
-Both backends give a `sources.Index` whose boxes follow the reference's
+Both backends give a `records.Index` whose boxes follow the reference's
 COCODataset: category ids sorted and mapped to contiguous labels 1..N (class
 names from the json's categories), crowd annotations left out of the boxes,
 boxes [x, y, w, h] -> (x, y, x + w, y + h) in pixels (no "-1", unlike VOC),
@@ -37,7 +37,7 @@ import os
 
 import numpy as np
 
-from ssd_jax.data import sources
+from ssd_jax.data import records
 
 # name -> (image folder, annotation file), both relative to coco_root.
 DATASETS = {
@@ -129,7 +129,7 @@ class CocoAnnotations:
 
 @dataclasses.dataclass
 class CocoInfo:
-  """What a COCO dataset adds to its `sources.Index`.
+  """What a COCO dataset adds to its `records.Index`.
 
   Attributes:
     category_ids: int64 [N + 1], contiguous label -> original category id
@@ -196,7 +196,7 @@ def corner_boxes(xywh, size, counts):
   boxes = np.stack([x, y, x + w, y + h], axis=1).astype(np.float32)
   empty = ~((boxes[:, 3] > boxes[:, 1]) & (boxes[:, 2] > boxes[:, 0]))
   counts.fixed['box_empty'] += int(empty.sum())
-  valid, keep = sources.validate_boxes(boxes[~empty], size, counts, inset=0)
+  valid, keep = records.validate_boxes(boxes[~empty], size, counts, inset=0)
   out = np.zeros(len(boxes), bool)
   out[np.flatnonzero(~empty)[keep]] = True
   return valid, out
@@ -226,7 +226,7 @@ def _dataset_paths(coco_root, dataset_name):
 def read_annotation_file(path, dataset_name):
   """The json as a dict; a clear error when it is missing or malformed."""
   if not os.path.isfile(path):
-    raise sources.DatasetNotFoundError(
+    raise records.DatasetNotFoundError(
         f'dataset {dataset_name!r}: {path} does not exist. Point '
         '--config.data.coco_root at a folder holding train2014/, val2014/ '
         '(or train2017/, val2017/) and annotations/instances_<split>.json; '
@@ -298,23 +298,23 @@ def _annotation_rows(data, images, label_of, counts):
 
 
 def _example(image_id, path, annotations, rows, label_of):
-  """One image: (sources._Example, Counts) or (None, Counts) when skipped."""
-  counts = sources.Counts()
+  """One image: (records.Example, Counts) or (None, Counts) when skipped."""
+  counts = records.Counts()
   try:
     try:
       image_file = open(path, 'rb')
     except OSError as e:
-      raise sources._Skip('missing_image') from e  # pylint: disable=protected-access
+      raise records.SkipExample('missing_image') from e
     with image_file:
-      is_jpeg, size = sources.inspect_image(image_file, counts)
-  except sources._Skip as skip:  # pylint: disable=protected-access
+      is_jpeg, size = records.inspect_image(image_file, counts)
+  except records.SkipExample as skip:
     counts.skipped[skip.args[0]] += 1
     return None, counts
-  return _make_example(str(image_id), size, is_jpeg, annotations, rows,
+  return _coco_example(str(image_id), size, is_jpeg, annotations, rows,
                        label_of, path, counts), counts
 
 
-def _make_example(image_id, size, is_jpeg, annotations, rows, label_of,
+def _coco_example(image_id, size, is_jpeg, annotations, rows, label_of,
                   source, counts):
   crowd = annotations.iscrowd[rows]
   counts.fixed['crowd'] += int(crowd.sum())
@@ -322,7 +322,7 @@ def _make_example(image_id, size, is_jpeg, annotations, rows, label_of,
   boxes, keep = corner_boxes(annotations.bboxes[rows], size, counts)
   labels = np.array([label_of[c] for c in annotations.category_ids[rows]],
                     np.int32)[keep]
-  return sources._Example(  # pylint: disable=protected-access
+  return records.Example(
       image_id, size, is_jpeg, boxes, labels, np.zeros(len(labels), bool),
       source)
 
@@ -337,7 +337,7 @@ def _rows_by_image(annotations):
 
 def _index(examples, counts, info, annotations, training):
   examples.sort(key=lambda e: int(e.image_id))
-  index = sources.Index.from_examples(examples, counts, blobs=False)
+  index = records.Index.from_examples(examples, counts, blobs=False)
   if not training:
     info = dataclasses.replace(info, annotations=annotations.select_images(
         [int(e.image_id) for e in examples]))
@@ -362,7 +362,7 @@ def folder_index(coco_root, dataset_name, *, training):
   data = read_annotation_file(ann_path, dataset_name)
   label_of, info = category_map(_json_categories(data, ann_path))
   images = _json_images(data, ann_path)
-  counts = sources.Counts()
+  counts = records.Counts()
   annotations = _annotation_rows(data, images, label_of, counts)
   del data
   rows_of = _rows_by_image(annotations)
@@ -409,7 +409,7 @@ def tfds_index(dataset_name, data_dir='', *, training, image_cache_dir=''):
         f'{sorted(TFDS_SPLITS)}); set --config.data.coco_root to read a '
         'COCO folder.')
   name, split = TFDS_SPLITS[dataset_name]
-  builder = sources._tfds_builder(name, data_dir)  # pylint: disable=protected-access
+  builder = records.tfds_builder(name, data_dir)
   names = builder.info.features['objects']['label'].names
   known = dict((n, i) for i, n in CATEGORIES)
   unknown = [n for n in names if n not in known]
@@ -421,7 +421,7 @@ def tfds_index(dataset_name, data_dir='', *, training, image_cache_dir=''):
   cache = image_cache_dir or os.path.join(
       builder.data_dir_root, 'ssd_jax_images', name.replace('/', '_'), split)
   os.makedirs(cache, exist_ok=True)
-  counts = sources.Counts()
+  counts = records.Counts()
   examples, rows = [], []
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
@@ -434,15 +434,15 @@ def tfds_index(dataset_name, data_dir='', *, training, image_cache_dir=''):
       continue
     data = ex['image']
     try:
-      is_jpeg, size = sources.inspect_image(data, counts)
-    except sources._Skip as skip:  # pylint: disable=protected-access
+      is_jpeg, size = records.inspect_image(data, counts)
+    except records.SkipExample as skip:
       counts.skipped[skip.args[0]] += 1
       continue
     height, width = size
     ymin, xmin, ymax, xmax = np.asarray(objects['bbox'], np.float64).reshape(
         -1, 4).T
-    x, y = _snap(xmin * width), _snap(ymin * height)
-    w, h = _snap(xmax * width) - x, _snap(ymax * height) - y
+    x, y = _snap_to_centipixels(xmin * width), _snap_to_centipixels(ymin * height)
+    w, h = _snap_to_centipixels(xmax * width) - x, _snap_to_centipixels(ymax * height) - y
     image_rows = np.stack([
         objects['id'], np.full(len(x), image_id),
         category_of_tfds_label[objects['label']], x, y, w, h,
@@ -452,7 +452,7 @@ def tfds_index(dataset_name, data_dir='', *, training, image_cache_dir=''):
         ex['image/filename'].decode()))
     _write_once(path, data)
     annotations = CocoAnnotations.from_rows(image_rows)
-    examples.append(_make_example(
+    examples.append(_coco_example(
         str(image_id), size, is_jpeg, annotations,
         np.arange(len(image_rows)), label_of, path, counts))
   annotations = CocoAnnotations.from_rows(
@@ -460,7 +460,7 @@ def tfds_index(dataset_name, data_dir='', *, training, image_cache_dir=''):
   return _index(examples, counts, info, annotations, training)
 
 
-def _snap(values):
+def _snap_to_centipixels(values):
   """Rounds pixel values to 1/100 px where within 1e-3 px of it."""
   scaled = values * 100
   rounded = np.round(scaled)
@@ -489,7 +489,7 @@ def load_index(coco_root, tfds_data_dir, dataset_name, *, training):
   if coco_root:
     return folder_index(coco_root, dataset_name, training=training)
   if dataset_name not in TFDS_SPLITS:
-    raise sources.DatasetNotFoundError(
+    raise records.DatasetNotFoundError(
         f'dataset {dataset_name!r} needs --config.data.coco_root (a folder '
         'with the images and annotations/instances_<split>.json); only '
         f'{sorted(TFDS_SPLITS)} can come from TFDS. See docs/datasets.md.')

@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from ssd_jax.data import augment
 from ssd_jax.data import coco
+from ssd_jax.data import records
 from ssd_jax.data import sources
 
 
@@ -56,7 +57,7 @@ class DataStats:
   """
 
   def __init__(self, index_counts):
-    self._counts = sources.Counts().merge(index_counts)
+    self._counts = records.Counts().merge(index_counts)
     self._failed = set()
     self._lock = threading.Lock()
 
@@ -89,9 +90,17 @@ def _cached_index(voc_root, coco_root, tfds_data_dir, class_names,
 
 
 def load_index(config, dataset_name, *, training=False):
-  """The (cached) index of one dataset; see sources.load_index.
+  """The (cached) index of one dataset, from the backend the config picks.
+
+  The one entry to every dataset: COCO names (`coco.is_coco_dataset`) read
+  `data.coco_root` (or TFDS when empty), the others `data.voc_root` (VOC
+  folders, `sources.folder_index`) or TFDS (`sources.tfds_index`) with
+  `data.class_names`. `training`: COCO only, leave out images without
+  annotations and keep no ground truth for COCOeval.
 
   Raises:
+    records.DatasetNotFoundError: the dataset is not there (the message says
+      how to get it).
     ValueError: a COCO dataset whose number of categories does not match
       config.model.num_classes.
   """
@@ -124,7 +133,7 @@ def check_datasets(config, dataset_names=None):
     dataset_names: the datasets to check (default: data.train + data.test).
 
   Returns:
-    {dataset name: sources.Counts} of the indices built.
+    {dataset name: records.Counts} of the indices built.
 
   Raises:
     DatasetError: listing every problem found, each with its dataset and its
@@ -147,7 +156,7 @@ def check_datasets(config, dataset_names=None):
   for name in dict.fromkeys(dataset_names):
     try:
       index = load_index(config, name, training=name in train_names)
-    except (sources.DatasetNotFoundError, ValueError) as e:
+    except (records.DatasetNotFoundError, ValueError) as e:
       problems.append(f'dataset {name!r}: {e}')
       continue
     uses_class_names |= index.coco is None
@@ -237,11 +246,11 @@ class _TrainIndex:
   Attributes:
     boxes: float32 [K, 4] pixel boxes; labels: int32 [K]; row_splits: int64
       [N + 1] (the boxes of example i are rows row_splits[i]:row_splits[i+1]);
-      counts: sources.Counts.
+      counts: records.Counts.
   """
 
   def __init__(self, index, max_boxes):
-    counts = sources.Counts().merge(index.counts)
+    counts = records.Counts().merge(index.counts)
     rows, num = [], []
     for i in range(len(index)):
       boxes, _, difficult = index.objects(i)
@@ -309,7 +318,7 @@ class TrainIterator:
     self._host_offset = process_index * self._batch
     self._seed = int(config.seed)
     self.step = start_step
-    index = sources.Index.concatenate(
+    index = records.Index.concatenate(
         [load_index(config, name, training=True)
          for name in config.data.train])
     if not len(index):

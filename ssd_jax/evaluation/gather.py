@@ -25,9 +25,9 @@ def gather_to_main(index, detections, ground_truth, counts):
   """All hosts' detections and ground truth, in the order of `index`.
 
   Args:
-    index: the dataset's sources.Index (every host holds the whole index).
+    index: the dataset's records.Index (every host holds the whole index).
     detections, ground_truth: this host's share, from `evaluate.detect_dataset`.
-    counts: this host's sources.Counts of the dataset (index-time counts,
+    counts: this host's records.Counts of the dataset (index-time counts,
       the same on every host, plus this host's decode failures).
 
   Returns:

@@ -31,13 +31,7 @@ def _mobilenet_v3(config, *, dtype, rngs):
 
 
 def _efficientnet_b3(config, *, dtype, rngs):
-  try:
-    from ssd_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ValueError(
-        "model.backbone.name='efficientnet_b3' needs "
-        'ssd_jax/models/efficientnet.py, which this checkout lacks '
-        f'({e}).') from e
+  from ssd_jax.models import efficientnet  # pylint: disable=g-import-not-at-top
   return efficientnet.build(config, dtype=dtype, rngs=rngs)
 
 

@@ -257,11 +257,41 @@ def validate_config(config):
 
 
 def create_model(config, rngs=None):
-  """Builds the SSD of `config` (validated first); rngs defaults to config.seed."""
+  """Builds the SSD of `config` (validated first); rngs defaults to config.seed.
+
+  The whole initialisation is one compiled program (on this CPU 2
+  compilations instead of ~60 op-by-op ones): the module's structure comes
+  from an abstract build (`nnx.eval_shape`), its values from one jitted
+  build with the same rngs, so the values are those an eager build draws
+  (same initialisers, same keys) and `rngs` advances as it would.
+  """
   validate_config(config)
-  if rngs is None:
-    rngs = nnx.Rngs(config.seed)
-  # The non-partitionable threefry draws the same kind of numbers but compiles
-  # several times faster on CPU; initialisation runs unsharded anyway.
-  with jax.threefry_partitionable(False):
-    return SSD(config, rngs=rngs)
+  if isinstance(jnp.zeros(()) + 0, jax.core.Tracer):
+    # Under a trace already (nnx.eval_shape, jit): build inline.
+    with jax.threefry_partitionable(False):
+      return SSD(config, rngs=rngs if rngs is not None
+                 else nnx.Rngs(config.seed))
+  if rngs is None:  # made inside the jitted build: no compilations of its own
+    rngs_def, rngs_state = None, jnp.int32(config.seed)
+  else:
+    rngs_def, rngs_state = nnx.split(rngs)
+
+  def build(rngs_state):
+    stream = (nnx.Rngs(jax.random.key(rngs_state)) if rngs_def is None
+              else nnx.merge(rngs_def, rngs_state))
+    # The non-partitionable threefry draws the same numbers the eager build
+    # always drew, and compiles several times faster; initialisation runs
+    # unsharded anyway.
+    with jax.threefry_partitionable(False):
+      model = SSD(config, rngs=stream)
+    return nnx.state(model), nnx.state(stream)
+
+  abstract = nnx.eval_shape(lambda: SSD(config, rngs=nnx.Rngs(0)))
+  # Runs once: compiling fast matters more than running fast.
+  options = ({'xla_backend_optimization_level': 0}
+             if jax.default_backend() == 'cpu' else None)
+  model_state, new_rngs_state = jax.jit(build, compiler_options=options)(
+      rngs_state)
+  if rngs is not None:
+    nnx.update(rngs, new_rngs_state)
+  return nnx.merge(nnx.graphdef(abstract), model_state)

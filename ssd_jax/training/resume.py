@@ -21,7 +21,9 @@ RESUME_FIELDS = ('seed', 'solver', 'data.train', 'data.class_names',
                  'data.max_boxes', 'data.synthetic_shapes', 'input', 'model')
 # ... except these: extending a run, or where the weights came from.
 RESUME_FIELDS_FREE = ('solver.max_iter', 'model.backbone.pretrained',
-                      'model.backbone.pretrained_sha256')
+                      'model.backbone.pretrained_sha256',
+                      # Retired (never read): workdirs saved before keep it.
+                      'model.meta_architecture')
 
 
 class ConfigChangedError(ValueError):
