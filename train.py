@@ -2,6 +2,12 @@
 
 Config values are overridden with flags such as `--config.solver.batch_size=8`.
 Running the same command again resumes from the latest checkpoint in W.
+
+SIGTERM or SIGINT (SLURM preemption, Ctrl-C) finishes the step in flight,
+saves it and exits with --preempted_exit_code (default 75, EX_TEMPFAIL: "try
+again"), so that a job script can requeue on it; the same command resumes.
+A checkpoint that cannot be written, or a workdir whose checkpoints are all
+damaged, stops the run with one line naming the path (exit status 1).
 """
 
 import sys
@@ -21,6 +27,9 @@ flags.DEFINE_string('workdir', None,
 flags.DEFINE_bool('allow_config_change', False,
                   'Resume even if the config differs from the saved one in '
                   'a field that changes the data stream or the optimizer.')
+flags.DEFINE_integer('preempted_exit_code', 75,
+                     'Exit status after SIGTERM/SIGINT once the checkpoint of '
+                     'the step in flight is saved (75: EX_TEMPFAIL).')
 launch.define_flags()
 flags.mark_flags_as_required(['config'])
 
@@ -31,15 +40,21 @@ def main(argv):
   # Our own log lines go through the 'SSD.*' loggers; keep absl's (clu's
   # per-scalar lines, Orbax's progress) to warnings.
   logging.set_verbosity(logging.WARNING)
+  launch.shorten_orbax_errors()
   launch.setup(FLAGS.config, FLAGS)
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import preemption  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import resume  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(FLAGS.config,
                                FLAGS.workdir or FLAGS.config.output_dir,
                                allow_config_change=FLAGS.allow_config_change)
+  except preemption.Preempted:
+    sys.exit(FLAGS.preempted_exit_code)
   except (checkpointing.CheckpointMismatchError,
+          checkpointing.CheckpointDamagedError,
+          checkpointing.CheckpointSaveError,
           resume.ConfigChangedError) as e:
     sys.exit(f'train.py: {e}')
 
