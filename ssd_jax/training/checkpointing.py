@@ -129,6 +129,7 @@ class Checkpointer:
                        'opt_state': ocp.StandardCheckpointHandler(),
                        'meta': ocp.JsonCheckpointHandler()})
     self._pending = None  # the step being written in the background
+    self._failed = False  # a save failed (and was reported)
 
   def latest_step(self):
     """The newest complete checkpoint's step, or None."""
@@ -160,6 +161,7 @@ class Checkpointer:
                          force=True)
     except Exception as e:  # pylint: disable=broad-except
       self._pending = None
+      self._failed = True
       raise save_error(self.step_path(step), e) from e
 
   def has_opt_state(self, step):
@@ -248,13 +250,15 @@ class Checkpointer:
     """
     step, self._pending = self._pending, None
     if step is None:
-      self._manager.wait_until_finished()
+      if not self._failed:  # Orbax would raise a reported failure again
+        self._manager.wait_until_finished()
       return
     path = self.step_path(step)
     try:
       self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
+      self._failed = True
       raise save_error(path, e) from e
     self._manager.reload()
     if step not in self._manager.all_steps():
@@ -269,7 +273,11 @@ class Checkpointer:
     try:
       self.wait()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception:  # pylint: disable=broad-except
+        if not self._failed:  # else: the failure CheckpointSaveError named
+          raise
 
   def damage(self, step):
     """Why checkpoint `step` is damaged (one line), or None if it is intact.
