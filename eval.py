@@ -77,7 +77,8 @@ def main(argv):
   from ssd_jax.evaluation import workdir as workdir_eval  # pylint: disable=g-import-not-at-top
   try:
     results = workdir_eval.evaluate_workdir(FLAGS.config, FLAGS.workdir, FLAGS.step)
-  except checkpointing.CheckpointMismatchError as e:
+  except (checkpointing.CheckpointMismatchError,
+          checkpointing.CheckpointDamagedError) as e:
     sys.exit(f'eval.py: {e}')
   import jax  # pylint: disable=g-import-not-at-top
   if not results and jax.process_index() == 0:  # others report nothing

@@ -9,6 +9,12 @@ loop, prefetching and log lines on synthetic batches of the config's shapes
 instead (no dataset, workdir, evaluation, TensorFlow or clu) and prints
 images/s, step-time percentiles, compile time and peak memory, then one
 JSON line.
+
+SIGTERM or SIGINT (SLURM preemption, Ctrl-C) finishes the step in flight,
+saves it and exits with --preempted_exit_code (default 75, EX_TEMPFAIL: "try
+again"), so that a job script can requeue on it; the same command resumes.
+A checkpoint that cannot be written, or a workdir whose checkpoints are all
+damaged, stops the run with one line naming the path (exit status 1).
 """
 
 import json
@@ -34,6 +40,9 @@ flags.DEFINE_bool('benchmark', False, 'Time the training loop on synthetic '
 flags.DEFINE_integer('benchmark_steps', 50, 'Timed iterations of --benchmark.')
 flags.DEFINE_integer('benchmark_warmup', 5, 'Untimed first iterations of '
                      '--benchmark (the first compiles).')
+flags.DEFINE_integer('preempted_exit_code', 75,
+                     'Exit status after SIGTERM/SIGINT once the checkpoint of '
+                     'the step in flight is saved (75: EX_TEMPFAIL).')
 launch.define_flags()
 flags.mark_flags_as_required(['config'])
 
@@ -44,6 +53,7 @@ def main(argv):
   # Our own log lines go through the 'SSD.*' loggers; keep absl's (clu's
   # per-scalar lines, Orbax's progress) to warnings.
   logging.set_verbosity(logging.WARNING)
+  launch.shorten_orbax_errors()
   launch.setup(FLAGS.config, FLAGS)
   if FLAGS.benchmark:
     from ssd_jax.training import benchmark  # pylint: disable=g-import-not-at-top
@@ -53,13 +63,18 @@ def main(argv):
     print(json.dumps(figures))
     return
   from ssd_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import preemption  # pylint: disable=g-import-not-at-top
   from ssd_jax.training import resume  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
   workdir = FLAGS.workdir or FLAGS.config.output_dir
   try:
     trainer.train_and_evaluate(FLAGS.config, workdir,
                                allow_config_change=FLAGS.allow_config_change)
+  except preemption.Preempted:
+    sys.exit(FLAGS.preempted_exit_code)
   except (checkpointing.CheckpointMismatchError,
+          checkpointing.CheckpointDamagedError,
+          checkpointing.CheckpointSaveError,
           resume.ConfigChangedError) as e:
     sys.exit(f'train.py: {e}')
   import jax  # pylint: disable=g-import-not-at-top

@@ -202,3 +202,49 @@ def test_settings_come_from_flags_then_environment(monkeypatch):
   assert calls == [
       dict(coordinator_address='h:1', num_processes=4, process_id=1),
       dict(coordinator_address=None, num_processes=None, process_id=None)]
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from ssd_jax.training import preemption  # pylint: disable=g-import-not-at-top
+  data_root, workdir = tmp_path / 'shapes', tmp_path / 'run'
+  from ssd_jax.data import shapes  # pylint: disable=g-import-not-at-top
+  shapes.ensure_dataset(
+      str(data_root),
+      **tiny_shapes_config(data_root).data.synthetic_shapes.to_dict())
+  args = tiny_shapes_flags(data_root) + [f'--workdir={workdir}',
+                                         '--config.solver.max_iter=40']
+  processes = _two_processes('train.py', args, 'flags')
+  try:
+    deadline = time.time() + TIMEOUT
+    log = workdir / 'log.txt'
+    while not (log.exists() and 'iter: 000003' in log.read_text()):
+      assert time.time() < deadline and processes[0].poll() is None
+      time.sleep(0.01)
+    processes[1].send_signal(signal.SIGTERM)  # not the one writing the log
+    for process in processes:
+      process.wait(timeout=TIMEOUT)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  outputs = []
+  for process in processes:
+    process.output.seek(0)
+    outputs.append(process.output.read())
+    assert process.returncode == preemption.PREEMPTED_EXIT_CODE, (
+        outputs[-1][-3000:])
+  stops = [re.findall(r'preempted at iteration (\d+): checkpoint saved', o)
+           for o in outputs]
+  assert len(stops[0]) == 1 and stops[0] == stops[1], stops
+  step = int(stops[0][0])
+  assert 3 <= step < 40
+  checkpointer = checkpointing.Checkpointer(str(workdir))
+  assert checkpointer.latest_step() == step
+  assert checkpointer.damage(step) is None
+  checkpointer.close()
+  resumed = _finish(_two_processes('train.py', args, 'flags'))
+  for output in resumed:
+    assert f'Start training from iteration {step}' in output

@@ -23,7 +23,14 @@ def evaluate_workdir(config, workdir, step=None):
   """Restores a checkpoint of `workdir` (latest, or `step`) and evaluates it
   on every dataset of config.data.test.
 
+  The latest checkpoint is the newest intact one: damaged newer ones are
+  skipped with a warning (and left where they are).
+
   Returns {dataset name: evaluate() result}.
+
+  Raises:
+    checkpointing.CheckpointDamagedError: the requested `step` is damaged,
+      or no checkpoint is intact.
   """
   from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   logger = metrics_log.setup_logger(LOGGER_NAME, write_file=False)
@@ -31,6 +38,10 @@ def evaluate_workdir(config, workdir, step=None):
   checkpointer = checkpointing.Checkpointer(workdir)
   if checkpointer.latest_step() is None:
     raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
+  if step is None:
+    step = checkpointer.latest_intact_step(logger)
+  else:
+    checkpointer.check_intact(step)
   model = nnx.eval_shape(lambda: models.create_model(config))
   step = checkpointing.restore_model(checkpointer, model, step)
   logger.info('Loaded checkpoint %s', os.path.join(checkpointer.directory,

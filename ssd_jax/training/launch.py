@@ -9,9 +9,11 @@ reads XLA_FLAGS once, when the backend starts, and jax.distributed.initialize
 refuses to run after it.
 """
 
+import logging
 import os
 
 from absl import flags
+from absl import logging as absl_logging
 
 ENV_COORDINATOR_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
@@ -116,3 +118,19 @@ def setup(config, flag_values):
   initialize_distributed(flag_values.distributed,
                          flag_values.coordinator_address,
                          flag_values.num_processes, flag_values.process_id)
+
+
+class _WithoutOrbaxTraceback(logging.Filter):
+  """Keeps the message of Orbax's error records but not their traceback."""
+
+  def filter(self, record):
+    if f'{os.sep}orbax{os.sep}' in record.pathname:
+      record.exc_info = None
+      record.exc_text = None
+    return True
+
+
+def shorten_orbax_errors():
+  """Orbax logs a failed save with several tracebacks from its threads; the
+  commands report it once, as a CheckpointSaveError naming the path."""
+  absl_logging.get_absl_logger().addFilter(_WithoutOrbaxTraceback())

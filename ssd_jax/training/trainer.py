@@ -3,6 +3,9 @@
 `train_and_evaluate(config, workdir)` is what `train.py` calls. The workdir:
     W/config.json, W/log.txt, W/checkpoints/<step>/, W/tf_logs/ (TensorBoard),
     W/eval/<dataset>_<step>.json (+ <dataset>_<step>_bbox.json for COCO)
+
+SIGTERM or SIGINT stops the run after the step in flight, with a checkpoint
+of that step (see preemption); rerunning the same command resumes it.
 """
 
 import os
@@ -21,6 +24,7 @@ from ssd_jax.runtime import sharding
 from ssd_jax.training import checkpointing
 from ssd_jax.training import metrics_log
 from ssd_jax.training import optim
+from ssd_jax.training import preemption
 from ssd_jax.training import resume
 from ssd_jax.training import train_step as train_step_lib
 from ssd_jax.training import writers
@@ -36,9 +40,18 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
   Resuming with a config that changes the data stream or the optimizer
-  raises resume.ConfigChangedError unless `allow_config_change`.
+  raises resume.ConfigChangedError unless `allow_config_change`. A damaged
+  latest checkpoint is moved aside and the newest intact one resumed
+  (checkpointing.CheckpointDamagedError if none is intact).
 
   Returns the final TrainState.
+
+  Raises:
+    preemption.Preempted: SIGTERM or SIGINT arrived; the step in flight was
+      finished and saved (committed), and 'preempted at iteration N:
+      checkpoint saved' logged. train.py exits with
+      preemption.PREEMPTED_EXIT_CODE.
+    checkpointing.CheckpointSaveError: a checkpoint could not be written.
   """
   from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
@@ -46,6 +59,7 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   models.validate_config(config)
   logger.info('Running with config:\n%s', config)
   checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
+  checkpointer.latest_intact_step(logger, move_damaged=True)
   resume.check_resumable(config, workdir, checkpointer, logger,
                          allow_config_change)
   prepare.prepare_data(config, logger)
@@ -79,18 +93,22 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   logger.info('Start training from iteration %d', start_step)
   step = start_step
   try:
-    for step in range(start_step + 1, max_iter + 1):
-      batch, waited = next(batches)
-      state, metrics = train_step(state, batch)
-      progress.add(step, metrics, waited)
-      is_save = step % config.save_step == 0 or step == max_iter
-      if step % config.log_step == 0 or is_save:
-        progress.read(step, log=step % config.log_step == 0)
-      if is_save:
-        save_checkpoint(checkpointer, config, state, step, logger)
-      if (config.eval_step > 0 and step % config.eval_step == 0 and
-          step != max_iter):
-        evaluator(state.variables, step)
+    with preemption.StopRequests() as stop:
+      for step in range(start_step + 1, max_iter + 1):
+        batch, waited = next(batches)
+        state, metrics = train_step(state, batch)
+        progress.add(step, metrics, waited)
+        is_save = step % config.save_step == 0 or step == max_iter
+        if step % config.log_step == 0 or is_save:
+          progress.read(step, log=step % config.log_step == 0)
+        if is_save:
+          save_checkpoint(checkpointer, config, state, step, logger)
+        if stop.agreed():
+          stop_preempted(checkpointer, config, state, step, progress,
+                         is_save, logger, stop.received)
+        if (config.eval_step > 0 and step % config.eval_step == 0 and
+            step != max_iter):
+          evaluator(state.variables, step)
   finally:
     checkpointer.wait()
   progress.summary(step - start_step, train_iter.stats.summary())
@@ -109,6 +127,19 @@ def save_checkpoint(checkpointer, config, state, step, logger):
                     meta={'seed': config.seed,
                           'batch_size': config.solver.batch_size,
                           'examples_seen': step * config.solver.batch_size})
+
+
+def stop_preempted(checkpointer, config, state, step, progress, saved,
+                   logger, signal_name):
+  """Saves `step` (unless `saved` already), waits for the commit, logs the
+  one preemption line and raises preemption.Preempted."""
+  if progress.pending:
+    progress.read(step, log=False)  # the NaN check before a checkpoint
+  if not saved:
+    save_checkpoint(checkpointer, config, state, step, logger)
+  checkpointer.wait()
+  logger.info('preempted at iteration %d: checkpoint saved', step)
+  raise preemption.Preempted(step, signal_name)
 
 
 def prefetch(iterator, mesh, size):
