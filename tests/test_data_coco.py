@@ -123,7 +123,7 @@ def test_missing_or_malformed_dataset_says_what_to_do(tmp_path):
     coco.folder_index(str(tmp_path), 'coco_2014_minival', training=False)
   with pytest.raises(records.DatasetNotFoundError,
                      match='coco_2014_minival.*needs --config.data.coco_root'):
-    coco.load_index('', '', 'coco_2014_minival', training=False)
+    coco.coco_index('', '', 'coco_2014_minival', training=False)
   os.makedirs(tmp_path / 'annotations')
   (tmp_path / 'annotations' / 'instances_mine.json').write_text('{"images": 1}')
   with pytest.raises(ValueError, match='not a COCO instances file'):

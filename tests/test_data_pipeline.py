@@ -302,3 +302,9 @@ def test_shapes_cli(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'wrote 3 trainval + 1 test images' in result.stdout
   assert len(os.listdir(tmp_path / 'VOC2007' / 'JPEGImages')) == 4
+  missing = subprocess.run([sys.executable, 'make_shapes.py'], cwd=root,
+                           env=dict(os.environ, PYTHONPATH=root),
+                           capture_output=True, text=True)
+  assert missing.returncode != 0 and '--out' in missing.stderr
+
+

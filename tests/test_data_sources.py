@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from configs import ssd300_voc
-from ssd_jax.data import shapes
 from ssd_jax.data import records
+from ssd_jax.data import shapes
 from ssd_jax.data import sources
 import voc_testing
 
@@ -75,7 +75,7 @@ def test_tfds_backend_equals_folder_backend(tmp_path, monkeypatch):
   infos = {}
   for fname in voc.Voc.BUILDER_CONFIGS[0].filenames.values():
     info = checksums.compute_url_info(os.path.join(tars, fname))
-    infos[os.path.join(voc._VOC_DATA_URL, fname)] = checksums.UrlInfo(
+    infos[os.path.join(voc._VOC_DATA_URL, fname)] = checksums.UrlInfo(  # pylint: disable=protected-access
         size=info.size, checksum=info.checksum, filename=fname)
   monkeypatch.setattr(voc.Voc, 'url_infos', infos)
   data_dir = str(tmp_path / 'tfds')

@@ -3,18 +3,20 @@
 The reference (lufficc/SSD `build_transforms(is_train=True)`) runs, in order:
 ConvertFromInts, PhotometricDistort, Expand, RandomSampleCrop, RandomMirror,
 ToPercentCoords, Resize, SubtractMeans, dropping boxes with x1 == x2 or
-y1 == y2 after every step. This module reproduces its distributions with three
-deliberate changes, each because the reference's behaviour is an accident
-of its code rather than a choice of the method (an off-by-one range, an
-unbounded loop that only stalls, a crash on crowded images):
+y1 == y2 after every step. This module keeps its distributions (crop modes,
+trial counts, the IoU and box-centre rules, no clipping in the photometric
+ops) with these deliberate changes:
 
-* the crop offset is uniform in [0, W - w] x [0, H - h] (the reference's
-  one-argument `numpy.random.uniform` draws from [1, W - w]);
-* the crop's retry loop is bounded: `CROP_MODE_DRAWS` mode draws of
-  `CROP_TRIALS` trials each, then the image is left uncropped (which is what
-  the "None" mode does anyway);
+* the crop offset is uniform in [0, W - w] x [0, H - h]: the reference calls
+  `numpy.random.uniform(W - w)` with one argument, which draws from
+  [1, W - w], a bug rather than a design;
+* the crop's retry loop is bounded, since a TF graph cannot loop forever:
+  `CROP_MODE_DRAWS` mode draws of `CROP_TRIALS` trials each, then the image
+  is left uncropped (which is what the "None" mode does anyway);
 * images with more than `max_boxes` objects keep the first `max_boxes` before
-  augmenting.
+  augmenting (batches have static shapes);
+* the resize is TF's bilinear (half-pixel centres, no antialiasing), which
+  is what the reference's cv2 INTER_LINEAR computes up to rounding.
 
 How it runs. All random numbers come from one stateless draw per example
 (`draw_uniforms`), so an example's augmentation is a pure function of its

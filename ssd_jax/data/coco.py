@@ -297,34 +297,45 @@ def _annotation_rows(data, images, label_of, counts):
   return CocoAnnotations.from_rows(rows)
 
 
-def _example(image_id, path, annotations, rows, label_of):
-  """One image: (records.Example, Counts) or (None, Counts) when skipped."""
+def _folder_example(image_id, path, annotations, rows, label_of):
+  """One image file and its annotations, checked.
+
+  Returns:
+    (records.Example, records.Counts), or (None, records.Counts) when the
+    image is skipped.
+  """
   counts = records.Counts()
   try:
-    try:
-      image_file = open(path, 'rb')
-    except OSError as e:
-      raise records.SkipExample('missing_image') from e
-    with image_file:
-      is_jpeg, size = records.inspect_image(image_file, counts)
+    is_jpeg, size = records.inspect_image_file(path, counts)
   except records.SkipExample as skip:
-    counts.skipped[skip.args[0]] += 1
+    counts.skipped[skip.reason] += 1
     return None, counts
-  return _coco_example(str(image_id), size, is_jpeg, annotations, rows,
-                       label_of, path, counts), counts
+  return _annotated_example(str(image_id), size, is_jpeg, annotations, rows,
+                            label_of, path, counts), counts
 
 
-def _coco_example(image_id, size, is_jpeg, annotations, rows, label_of,
-                  source, counts):
+def _annotated_example(image_id, size, is_jpeg, annotations, rows, label_of,
+                       source, counts):
+  """The `records.Example` of one checked image and its annotations.
+
+  Args:
+    image_id: the COCO image id, as a string.
+    size: (height, width) of the image.
+    is_jpeg: the image bytes are a JPEG.
+    annotations: CocoAnnotations holding the image's annotations.
+    rows: int64 [a] rows of `annotations` that belong to the image.
+    label_of: {category id: label}.
+    source: the image's path.
+    counts: crowd boxes and box fixes are counted here.
+  """
   crowd = annotations.iscrowd[rows]
   counts.fixed['crowd'] += int(crowd.sum())
   rows = rows[~crowd]
   boxes, keep = corner_boxes(annotations.bboxes[rows], size, counts)
   labels = np.array([label_of[c] for c in annotations.category_ids[rows]],
                     np.int32)[keep]
-  return records.Example(
-      image_id, size, is_jpeg, boxes, labels, np.zeros(len(labels), bool),
-      source)
+  return records.Example(image_id, size, is_jpeg, boxes, labels,
+                         np.zeros(len(labels), bool), source)
 
 
 def _rows_by_image(annotations):
@@ -355,7 +366,7 @@ def folder_index(coco_root, dataset_name, *, training):
       truth for COCOeval.
 
   Raises:
-    DatasetNotFoundError: no annotation file.
+    records.DatasetNotFoundError: no annotation file.
     ValueError: the annotation file is not a COCO instances file.
   """
   image_dir, ann_path = _dataset_paths(coco_root, dataset_name)
@@ -374,8 +385,9 @@ def folder_index(coco_root, dataset_name, *, training):
   empty_rows = np.zeros(0, np.int64)
   with concurrent.futures.ThreadPoolExecutor(_IO_THREADS) as pool:
     results = pool.map(
-        lambda i: _example(i, os.path.join(image_dir, images[i]),
-                           annotations, rows_of.get(i, empty_rows), label_of),
+        lambda i: _folder_example(
+            i, os.path.join(image_dir, images[i]), annotations,
+            rows_of.get(i, empty_rows), label_of),
         listed)
     examples = []
     for example, example_counts in results:
@@ -436,13 +448,15 @@ def tfds_index(dataset_name, data_dir='', *, training, image_cache_dir=''):
     try:
       is_jpeg, size = records.inspect_image(data, counts)
     except records.SkipExample as skip:
-      counts.skipped[skip.args[0]] += 1
+      counts.skipped[skip.reason] += 1
       continue
     height, width = size
     ymin, xmin, ymax, xmax = np.asarray(objects['bbox'], np.float64).reshape(
         -1, 4).T
-    x, y = _snap_to_centipixels(xmin * width), _snap_to_centipixels(ymin * height)
-    w, h = _snap_to_centipixels(xmax * width) - x, _snap_to_centipixels(ymax * height) - y
+    x, y = _snap_to_centipixels(xmin * width), _snap_to_centipixels(
+        ymin * height)
+    w = _snap_to_centipixels(xmax * width) - x
+    h = _snap_to_centipixels(ymax * height) - y
     image_rows = np.stack([
         objects['id'], np.full(len(x), image_id),
         category_of_tfds_label[objects['label']], x, y, w, h,
@@ -452,7 +466,7 @@ def tfds_index(dataset_name, data_dir='', *, training, image_cache_dir=''):
         ex['image/filename'].decode()))
     _write_once(path, data)
     annotations = CocoAnnotations.from_rows(image_rows)
-    examples.append(_coco_example(
+    examples.append(_annotated_example(
         str(image_id), size, is_jpeg, annotations,
         np.arange(len(image_rows)), label_of, path, counts))
   annotations = CocoAnnotations.from_rows(
@@ -484,8 +498,19 @@ def _write_once(path, data):
 # -------------------------------------------------------------------- entry ---
 
 
-def load_index(coco_root, tfds_data_dir, dataset_name, *, training):
-  """Index of a COCO dataset from the folder (coco_root set) or TFDS."""
+def coco_index(coco_root, tfds_data_dir, dataset_name, *, training):
+  """Index of a COCO dataset: the folder (coco_root set) or TFDS.
+
+  Args:
+    coco_root: config.data.coco_root ('' = TFDS).
+    tfds_data_dir: config.data.tfds_data_dir ('' = TFDS's default).
+    dataset_name: e.g. 'coco_2014_minival'.
+    training: leave out images without annotations, and keep no ground
+      truth for COCOeval.
+
+  Raises:
+    records.DatasetNotFoundError: the dataset is not there.
+  """
   if coco_root:
     return folder_index(coco_root, dataset_name, training=training)
   if dataset_name not in TFDS_SPLITS:

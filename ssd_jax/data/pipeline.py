@@ -16,11 +16,12 @@ exactly the batches an uninterrupted run would have seen. Each host takes its
 own contiguous slice of every global batch.
 
 Bad input never stops a run. Examples whose image or annotation is unusable
-are left out when the index is built (sources.py). An image that still fails
-to decode inside tf.data is replaced, in its own batch, by an empty example
-(a mean-grey image with no boxes, which adds nothing to the loss; in eval,
-valid=False), so every batch keeps its step's examples. Everything is
-counted in `iterator.stats`.
+are left out when the index is built (sources.py, coco.py). An image that
+still fails to decode inside tf.data is replaced, in its own batch, by an
+empty example (a mean-grey image with no boxes, which adds nothing to the
+loss; in eval, valid=False), so every batch keeps its step's examples. Both
+pipelines do this the same way (`_render_group`, `_missing_examples`) and
+count each failing image once as a 'decode_error' skip in `iterator.stats`.
 
 Images leave the pipeline as RGB pixel values, not mean-subtracted; the
 train and predict steps subtract input.pixel_mean on the device
@@ -82,21 +83,25 @@ class DataStats:
 def _cached_index(voc_root, coco_root, tfds_data_dir, class_names,
                   dataset_name, training):
   if coco.is_coco_dataset(dataset_name):
-    return coco.load_index(coco_root, tfds_data_dir, dataset_name,
+    return coco.coco_index(coco_root, tfds_data_dir, dataset_name,
                            training=training)
-  if voc_root:
-    return sources.folder_index(voc_root, dataset_name, class_names)
-  return sources.tfds_index(dataset_name, class_names, tfds_data_dir)
+  return sources.voc_index(voc_root, tfds_data_dir, dataset_name, class_names)
 
 
 def load_index(config, dataset_name, *, training=False):
-  """The (cached) index of one dataset, from the backend the config picks.
+  """The index of one dataset, from the backend the config picks (cached).
 
-  The one entry to every dataset: COCO names (`coco.is_coco_dataset`) read
-  `data.coco_root` (or TFDS when empty), the others `data.voc_root` (VOC
-  folders, `sources.folder_index`) or TFDS (`sources.tfds_index`) with
-  `data.class_names`. `training`: COCO only, leave out images without
-  annotations and keep no ground truth for COCOeval.
+  Args:
+    config: uses `data.voc_root` ('' = TFDS), `data.coco_root` (COCO
+      datasets, '' = TFDS), `data.tfds_data_dir`, `data.class_names` (VOC;
+      a COCO dataset's names come from its categories),
+      `model.num_classes` (checked against a COCO dataset's categories).
+    dataset_name: e.g. 'voc_2007_trainval', 'coco_2014_minival'.
+    training: COCO only: leave out images without annotations and keep no
+      ground truth for COCOeval (see data/coco.py).
+
+  Returns:
+    A records.Index.
 
   Raises:
     records.DatasetNotFoundError: the dataset is not there (the message says
@@ -216,22 +221,47 @@ def mean_grey_image(image_size, pixel_mean, dtype):
   return tf.tile(mean[None, None], [image_size, image_size, 1])
 
 
-def _with_fallback(ds, fn, fallback, num_parallel_calls):
-  """ds.map(fn), with `fallback` for the elements on which fn raises.
+def _render_group(group, render, filler, num_parallel_calls):
+  """A dataset of `render` over the elements of `group`, failures replaced.
 
-  tf.data cannot catch an op error inside a map function; each element runs
-  in its own one-element dataset whose errors are ignored, followed by the
-  fallback element, and the first of the two is taken.
+  tf.data cannot catch an op error inside a map function, so the elements on
+  which `render` raises (an image that does not decode) are dropped and the
+  group is topped up with `filler`s to its own size: a group (a train step,
+  an eval batch) keeps its examples together whatever fails.
+  `_missing_examples` then tells, on the host, which examples were replaced.
+
+  Args:
+    group: dict of tensors with a leading dimension g, one row per element.
+    render: element dict -> output dict.
+    filler: output dict standing in for a failed element; its 'example' is
+      -1.
+    num_parallel_calls: width of the render map.
+
+  Returns:
+    A dataset of g output dicts: the rendered elements in order, then the
+    fillers.
   """
+  size = tf.shape(group['example'], out_type=tf.int64)[0]
+  rendered = tf.data.Dataset.from_tensor_slices(group).map(
+      render, num_parallel_calls=num_parallel_calls,
+      deterministic=True).ignore_errors()
+  fillers = tf.data.Dataset.from_tensors(filler).repeat(size)
+  return rendered.concatenate(fillers).take(size)
 
-  def guarded(*args):
-    one = tf.data.Dataset.from_tensors(args if len(args) > 1 else args[0])
-    primary = one.map(fn).ignore_errors()
-    return primary.concatenate(one.map(fallback)).take(1)
 
-  return ds.interleave(guarded, cycle_length=None, block_length=1,
-                       num_parallel_calls=num_parallel_calls,
-                       deterministic=True)
+def _missing_examples(expected, rendered):
+  """The examples of a group that `_render_group` replaced by fillers.
+
+  Args:
+    expected: int [g] the group's example indices.
+    rendered: int [g] the 'example' of its output rows (-1 for fillers).
+
+  Returns:
+    collections.Counter {example: times replaced}.
+  """
+  missing = collections.Counter(expected.tolist())
+  missing.subtract(rendered.tolist())
+  return +missing
 
 
 # ------------------------------------------------------------------- train ---
@@ -331,82 +361,20 @@ class TrainIterator:
     self._iterator = iter(self._dataset.as_numpy_iterator())
 
   def _build(self, config, start_step):
-    b, m = self._batch, config.data.max_boxes
-    image_size = config.input.image_size
-    pixel_mean = tuple(float(v) for v in config.input.pixel_mean)
-    image_dtype = train_image_dtype(config)
-    read = sources.image_reader(self._index)
-    seed = tf.constant(self._seed, tf.int64)
-
-    train, index = self._train, self._index
-    boxes_table = tf.RaggedTensor.from_row_splits(train.boxes,
-                                                  train.row_splits)
-    labels_table = tf.RaggedTensor.from_row_splits(train.labels,
-                                                   train.row_splits)
-    sizes_table = tf.constant(index.sizes)
-    is_jpeg_table = tf.constant(index.is_jpeg)
-    steps = functools.partial(
-        step_examples, seed, global_batch=self._global_batch,
-        host_offset=self._host_offset, batch=b, n=len(index))
-
-    def step_inputs(step):
-      positions, examples = steps(step)
-      boxes = tf.gather(boxes_table, examples)
-      labels = tf.gather(labels_table, examples)
-      mask = tf.sequence_mask(boxes.row_lengths(), m)
-      return (positions, examples, boxes.to_tensor(shape=[b, m, 4]),
-              labels.to_tensor(shape=[b, m]), mask,
-              tf.gather(sizes_table, examples),
-              tf.gather(is_jpeg_table, examples))
-
-    def geometry(positions, examples, boxes, labels, mask, sizes, is_jpeg):
-      u = tf.map_fn(lambda g: augment.draw_uniforms(tf.stack([seed, g])),
-                    positions, fn_output_signature=tf.TensorSpec(
-                        [augment.NUM_UNIFORMS], tf.float32))
-      geo = augment.geometry_batch(u, boxes, mask, sizes)
-      labels = tf.where(geo['mask'],
-                        tf.gather(labels, geo['order'], batch_dims=1), 0)
-      return {'example': examples, 'u': u[:, :augment.NUM_SCALARS],
-              'size': sizes, 'is_jpeg': is_jpeg, 'labels': labels, **geo}
-
-    def render(x):
-      image = augment.render_example(
-          read(x['example']), x['is_jpeg'], x['size'], x, x['u'],
-          image_size=image_size, pixel_mean=pixel_mean, dtype=image_dtype)
-      return {'image': image, 'boxes': x['boxes'], 'labels': x['labels'],
-              'mask': x['mask'], 'example': x['example'],
-              'step_examples': x['step_examples']}
-
-    def empty(step_examples):
-      return {'image': mean_grey_image(image_size, pixel_mean, image_dtype),
-              'boxes': tf.zeros([m, 4], tf.float32),
-              'labels': tf.zeros([m], tf.int32),
-              'mask': tf.zeros([m], tf.bool),
-              'example': tf.constant(-1, tf.int64),
-              'step_examples': step_examples}
-
-    num_parallel_calls = _num_parallel_calls(config)
-
-    def one_step(x):
-      # Images that fail to decode are dropped (tf.data cannot catch an op
-      # error otherwise) and the step is topped up with empty images, so
-      # every batch still holds its own step's examples.
-      x['step_examples'] = tf.tile(x['example'][None], [b, 1])
-      rendered = tf.data.Dataset.from_tensor_slices(x).map(
-          render, num_parallel_calls=num_parallel_calls,
-          deterministic=True).ignore_errors()
-      empties = tf.data.Dataset.from_tensors(
-          empty(x['example'])).repeat(b)
-      return rendered.concatenate(empties).take(b)
-
+    """The tf.data pipeline of this host's batches from `start_step` on."""
+    b = self._batch
+    graph = _TrainGraph(self._index, self._train, config,
+                        seed=self._seed, global_batch=self._global_batch,
+                        host_offset=self._host_offset, batch=b)
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
-    ds = ds.map(step_inputs)
-    ds = ds.map(geometry, num_parallel_calls=tf.data.AUTOTUNE,
+    ds = ds.map(graph.step_inputs)
+    ds = ds.map(graph.step_geometry, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
     # Every step yields exactly b examples (block_length), so the output
     # order does not depend on how many steps tf.data renders at once.
-    ds = ds.interleave(one_step, cycle_length=tf.data.AUTOTUNE, block_length=b,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.interleave(graph.step_images, cycle_length=tf.data.AUTOTUNE,
+                       block_length=b, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
     ds = ds.prefetch(config.data.prefetch or tf.data.AUTOTUNE)
     options = tf.data.Options()
@@ -421,11 +389,108 @@ class TrainIterator:
     self.step += 1
     examples = batch.pop('example')
     expected = batch.pop('step_examples')[0]
-    if (examples < 0).any():  # which examples were replaced
-      missing = collections.Counter(expected.tolist())
-      missing.subtract(examples.tolist())
-      self.stats.add_decode_failures(+missing)
+    self.stats.add_decode_failures(_missing_examples(expected, examples))
     return batch
+
+
+class _TrainGraph:
+  """The TF functions of the train pipeline, one per stage of a step.
+
+  A step goes: its step number -> `step_inputs` (which examples, their padded
+  boxes) -> `step_geometry` (augmentation draws and box geometry for the
+  whole step) -> `step_images` (a dataset of its b rendered examples, failed
+  decodes replaced by `empty_example`).
+  """
+
+  def __init__(self, index, train_index, config, *, seed, global_batch,
+               host_offset, batch):
+    self._batch = batch
+    self._max_boxes = config.data.max_boxes
+    self._image_size = config.input.image_size
+    self._pixel_mean = tuple(float(v) for v in config.input.pixel_mean)
+    self._image_dtype = train_image_dtype(config)
+    self._num_parallel_calls = _num_parallel_calls(config)
+    self._read = records.image_reader(index)
+    self._seed = tf.constant(seed, tf.int64)
+    self._boxes = tf.RaggedTensor.from_row_splits(train_index.boxes,
+                                                  train_index.row_splits)
+    self._labels = tf.RaggedTensor.from_row_splits(train_index.labels,
+                                                   train_index.row_splits)
+    self._sizes = tf.constant(index.sizes)
+    self._is_jpeg = tf.constant(index.is_jpeg)
+    self._step_examples = functools.partial(
+        step_examples, self._seed, global_batch=global_batch,
+        host_offset=host_offset, batch=batch, n=len(index))
+
+  def step_inputs(self, step):
+    """Step number -> the step's examples and their boxes.
+
+    Returns:
+      (positions int64 [b], examples int64 [b], boxes float32 [b, M, 4]
+      pixel corner boxes, labels int32 [b, M], mask bool [b, M], sizes int32
+      [b, 2] (height, width), is_jpeg bool [b]).
+    """
+    b, m = self._batch, self._max_boxes
+    positions, examples = self._step_examples(step)
+    boxes = tf.gather(self._boxes, examples)
+    labels = tf.gather(self._labels, examples)
+    mask = tf.sequence_mask(boxes.row_lengths(), m)
+    return (positions, examples, boxes.to_tensor(shape=[b, m, 4]),
+            labels.to_tensor(shape=[b, m]), mask,
+            tf.gather(self._sizes, examples),
+            tf.gather(self._is_jpeg, examples))
+
+  def step_geometry(self, positions, examples, boxes, labels, mask, sizes,
+                    is_jpeg):
+    """The augmentation's draws and geometry of one step (`step_inputs`).
+
+    Returns:
+      dict of [b, ...] tensors: `example`, `u` (the scalar draws), `size`,
+      `is_jpeg`, `labels` and `augment.geometry_batch`'s keys (`boxes` in
+      [0, 1] of the crop, `mask`, `order`, the crop window, ...).
+    """
+    seed = self._seed
+    u = tf.map_fn(lambda g: augment.draw_uniforms(tf.stack([seed, g])),
+                  positions, fn_output_signature=tf.TensorSpec(
+                      [augment.NUM_UNIFORMS], tf.float32))
+    geo = augment.geometry_batch(u, boxes, mask, sizes)
+    labels = tf.where(geo['mask'],
+                      tf.gather(labels, geo['order'], batch_dims=1), 0)
+    return {'example': examples, 'u': u[:, :augment.NUM_SCALARS],
+            'size': sizes, 'is_jpeg': is_jpeg, 'labels': labels, **geo}
+
+  def render_example(self, x):
+    """One example of `step_geometry`'s output -> its train example."""
+    image = augment.render_example(
+        self._read(x['example']), x['is_jpeg'], x['size'], x, x['u'],
+        image_size=self._image_size, pixel_mean=self._pixel_mean,
+        dtype=self._image_dtype)
+    return {'image': image, 'boxes': x['boxes'], 'labels': x['labels'],
+            'mask': x['mask'], 'example': x['example'],
+            'step_examples': x['step_examples']}
+
+  def empty_example(self, step_examples):
+    """What stands in for an example that failed to decode: mean grey, no
+    boxes, example -1."""
+    m = self._max_boxes
+    return {'image': mean_grey_image(self._image_size, self._pixel_mean,
+                                     self._image_dtype),
+            'boxes': tf.zeros([m, 4], tf.float32),
+            'labels': tf.zeros([m], tf.int32),
+            'mask': tf.zeros([m], tf.bool),
+            'example': tf.constant(-1, tf.int64),
+            'step_examples': step_examples}
+
+  def step_images(self, x):
+    """`step_geometry`'s output -> a dataset of the step's b examples.
+
+    Each example also carries the step's example list (`step_examples`), so
+    the host can tell which ones `_render_group` replaced.
+    """
+    x = dict(x, step_examples=tf.tile(x['example'][None], [self._batch, 1]))
+    return _render_group(x, self.render_example,
+                         self.empty_example(x['example']),
+                         self._num_parallel_calls)
 
 
 def create_train_iterator(config, *, start_step=0):
@@ -489,22 +554,34 @@ class EvalIterable:
     return self.num_batches
 
   def _dataset(self):
+    """Batches of {'image', 'example' (-1: failed), 'batch_examples'}."""
     index = self._index
-    read = sources.image_reader(index)
+    read = records.image_reader(index)
     is_jpeg = tf.constant(index.is_jpeg)
     image_size = self._image_size
 
-    def load(example):
-      image = augment.eval_transform(read(example), is_jpeg[example],
+    def load(x):
+      image = augment.eval_transform(read(x['example']),
+                                     is_jpeg[x['example']],
                                      image_size=image_size)
-      return {'image': image, 'example': example, 'failed': tf.constant(False)}
+      return {'image': image, 'example': x['example'],
+              'batch_examples': x['batch_examples']}
 
-    def empty(example):
-      return {'image': tf.zeros([image_size, image_size, 3], tf.uint8),
-              'example': example, 'failed': tf.constant(True)}
+    def batch_images(examples):
+      group = {'example': examples,
+               'batch_examples': tf.tile(examples[None],
+                                         [tf.size(examples), 1])}
+      empty = {'image': tf.zeros([image_size, image_size, 3], tf.uint8),
+               'example': tf.constant(-1, tf.int64),
+               'batch_examples': examples}
+      return _render_group(group, load, empty, self._num_parallel_calls)
 
-    ds = tf.data.Dataset.from_tensor_slices(self._examples)
-    ds = _with_fallback(ds, load, empty, self._num_parallel_calls)
+    ds = tf.data.Dataset.from_tensor_slices(self._examples).batch(self._batch)
+    # Every batch yields its own number of images (block_length), so the
+    # batches below are the ones above.
+    ds = ds.interleave(batch_images, cycle_length=tf.data.AUTOTUNE,
+                       block_length=self._batch,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(self._batch).prefetch(tf.data.AUTOTUNE)
 
   def _ground_truth(self, examples):
@@ -529,17 +606,32 @@ class EvalIterable:
       yield self._finish({
           'image': np.zeros([0, self._image_size, self._image_size, 3],
                             np.uint8),
-          'example': np.zeros([0], np.int64), 'failed': np.zeros([0], bool)})
+          'example': np.zeros([0], np.int64),
+          'batch_examples': np.zeros([0, 0], np.int64)})
+
+  def _in_batch_order(self, batch):
+    """(images, examples, failed) with each image at its example's row.
+
+    `_render_group` puts the fillers of failed images last; here they go
+    back to the rows of the examples they replace (zero images).
+    """
+    rendered = batch['example']
+    if not len(rendered):
+      return batch['image'], rendered, np.zeros(0, bool)
+    examples = batch['batch_examples'][0]
+    failed = np.isin(examples, list(_missing_examples(examples, rendered)))
+    images = np.zeros_like(batch['image'])
+    images[~failed] = batch['image'][rendered >= 0]
+    return images, examples, failed
 
   def _finish(self, batch):
-    examples = batch['example']
-    failed = batch['failed']
+    images, examples, failed = self._in_batch_order(batch)
     if failed.any():
       self.stats.add_decode_failures(examples[failed].tolist())
     n, b = len(examples), self._batch
     boxes, labels, difficult, mask = self._ground_truth(examples)
     out = {
-        'image': batch['image'],
+        'image': images,
         'image_id': self._index.image_ids[examples],
         'orig_size': self._index.sizes[examples],
         'boxes': boxes, 'labels': labels, 'difficult': difficult,

@@ -1,11 +1,15 @@
-"""What VOC and COCO sources share: the index, the skip and fix reasons,
-image and box checks, the TFDS builder.
+"""What the VOC and COCO sources share: the index, its records and checks.
 
-Box convention: pixel corner boxes (xmin, ymin, xmax, ymax), 0-based (the
-reference's VOC parsing: every XML coordinate minus 1); labels index the
-dataset's class names (0 = background). Bad input never raises here: an
-unusable example is a `SkipExample` with a key of SKIP_REASONS, a repaired
-box is counted under FIX_REASONS (see `Counts`).
+`sources.py` (VOC-format folders and TFDS voc) and `coco.py` (COCO json +
+folder and TFDS coco) both turn a dataset into an `Index`, one `Example` per
+usable image, with the same image checks (`inspect_image`), box checks
+(`validate_boxes`) and counters (`Counts`, keyed by `SKIP_REASONS` and
+`FIX_REASONS`). An example found unusable raises `SkipExample`, which the
+source catches and counts.
+
+Box convention: pixel corner boxes (xmin, ymin, xmax, ymax). VOC boxes are
+0-based inclusive pixel indices (XML - 1, inside [0, W-1] x [0, H-1]); COCO
+boxes are continuous (inside [0, W] x [0, H]). Sizes are (height, width).
 """
 
 import collections
@@ -15,15 +19,17 @@ import os
 
 import numpy as np
 from PIL import Image
+import tensorflow as tf
+
+from ssd_jax import data as data_lib
+
+data_lib.hide_gpus_from_tensorflow()
 
 # Formats tf.io.decode_image reads (first frame of a GIF).
 _DECODABLE_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP')
-
-
 # A file whose end-of-image marker is not within this many last bytes is
 # taken as truncated (trailing padding after the marker is allowed).
 _TAIL_BYTES = 1024
-
 
 # Why an example is left out (skip) or an annotation is changed (fix). The
 # keys are what the log line shows.
@@ -38,8 +44,6 @@ SKIP_REASONS = {
     'no_annotations': 'COCO training image without annotations (as the '
                       'reference)',
 }
-
-
 FIX_REASONS = {
     'size_from_image': 'XML without <size>: size read from the image',
     'size_mismatch': 'XML <size> differs from the image: image size used',
@@ -65,6 +69,14 @@ FIX_REASONS = {
 
 class DatasetNotFoundError(FileNotFoundError):
   """A dataset is not where the config says; the message says how to get it."""
+
+
+class SkipExample(Exception):
+  """An example is unusable; `reason` (args[0]) is a key of SKIP_REASONS."""
+
+  @property
+  def reason(self):
+    return self.args[0]
 
 
 class Counts:
@@ -111,6 +123,28 @@ def _format_counter(counter):
 
 
 @dataclasses.dataclass
+class Example:
+  """One usable image and its k objects, before it joins an `Index`.
+
+  Attributes:
+    image_id: the VOC id, or the COCO image id as a string.
+    size: (height, width) of the image.
+    is_jpeg: the bytes are a JPEG (else PNG/GIF/BMP).
+    boxes: [k, 4] float32 pixel corner boxes (see the module docstring).
+    labels: [k] int32 in 1..C-1.
+    difficult: [k] bool.
+    source: the image's path, or its encoded bytes.
+  """
+  image_id: str
+  size: tuple[int, int]
+  is_jpeg: bool
+  boxes: np.ndarray
+  labels: np.ndarray
+  difficult: np.ndarray
+  source: str | bytes
+
+
+@dataclasses.dataclass
 class Index:
   """The usable examples of one or more datasets, annotations on the host.
 
@@ -123,8 +157,9 @@ class Index:
       decoded size where the XML has none or disagrees).
     is_jpeg: [N] bool, the bytes are a JPEG (else PNG/GIF/BMP).
     row_splits: [N + 1] int64.
-    boxes: [K, 4] float32 pixel corner boxes, 0-based (XML - 1), inside
-      [0, W-1] x [0, H-1], xmin <= xmax and ymin <= ymax.
+    boxes: [K, 4] float32 pixel corner boxes: VOC 0-based (XML - 1), inside
+      [0, W-1] x [0, H-1]; COCO inside [0, W] x [0, H]; xmin <= xmax and
+      ymin <= ymax.
     labels: [K] int32 in 1..C-1.
     difficult: [K] bool.
     paths: [N] str image paths (folder backend), or None.
@@ -160,7 +195,13 @@ class Index:
 
   @classmethod
   def from_examples(cls, examples, counts, *, blobs):
-    """Builds an index from a list of `Example`s."""
+    """Builds an index from a list of `Example`s.
+
+    Args:
+      examples: the `Example`s, in index order.
+      counts: the `Counts` of building them.
+      blobs: the examples' `source`s are encoded bytes (else paths).
+    """
     num = [len(e.labels) for e in examples]
     row_splits = np.zeros(len(examples) + 1, np.int64)
     row_splits[1:] = np.cumsum(num)
@@ -176,7 +217,7 @@ class Index:
         difficult=cat([e.difficult for e in examples], bool, (0,)),
         paths=(None if blobs else
                np.array([e.source for e in examples], dtype=str)),
-        blobs=(object_array([e.source for e in examples]) if blobs else
+        blobs=(_object_array([e.source for e in examples]) if blobs else
                None),
         counts=counts)
 
@@ -208,30 +249,15 @@ class Index:
                      for ix, off in zip(indices, offsets)]).astype(np.int64),
         boxes=cat('boxes'), labels=cat('labels'), difficult=cat('difficult'),
         paths=None if indices[0].paths is None else cat('paths'),
-        blobs=None if indices[0].blobs is None else object_array(
+        blobs=None if indices[0].blobs is None else _object_array(
             [b for ix in indices for b in ix.blobs]),
         counts=counts, coco=coco)
 
 
-def object_array(items):
+def _object_array(items):
   out = np.empty(len(items), dtype=object)
   out[:] = items
   return out
-
-
-@dataclasses.dataclass
-class Example:
-  image_id: str
-  size: tuple[int, int]  # (height, width)
-  is_jpeg: bool
-  boxes: np.ndarray  # [k, 4] float32
-  labels: np.ndarray  # [k] int32
-  difficult: np.ndarray  # [k] bool
-  source: str | bytes  # path or encoded bytes
-
-
-class SkipExample(Exception):
-  """An example is unusable; args[0] is a key of SKIP_REASONS."""
 
 
 def inspect_image(data, counts):
@@ -245,7 +271,8 @@ def inspect_image(data, counts):
     (is_jpeg, (height, width)).
 
   Raises:
-    SkipExample: 'unreadable_image', 'unsupported_format' or 'truncated_image'.
+    SkipExample: 'unreadable_image', 'unsupported_format' or
+      'truncated_image'.
   """
   f = io.BytesIO(data) if isinstance(data, bytes) else data
   try:
@@ -269,6 +296,21 @@ def inspect_image(data, counts):
   return image_format == 'JPEG', (height, width)
 
 
+def inspect_image_file(path, counts):
+  """`inspect_image` of the file at `path`.
+
+  Raises:
+    SkipExample: 'missing_image' when the file cannot be opened, or
+      `inspect_image`'s reasons.
+  """
+  try:
+    image_file = open(path, 'rb')
+  except OSError as e:
+    raise SkipExample('missing_image') from e
+  with image_file:
+    return inspect_image(image_file, counts)
+
+
 def validate_boxes(boxes, size, counts, *, inset=1):
   """Makes pixel boxes consistent with an image of `size` = (height, width).
 
@@ -278,6 +320,12 @@ def validate_boxes(boxes, size, counts, *, inset=1):
   COCO's continuous ones.
   Zero-area boxes are kept (the evaluator scores them as 1-pixel boxes, as
   the reference does); the training pipeline drops them.
+
+  Args:
+    boxes: [k, 4] float32 pixel corner boxes.
+    size: (height, width).
+    counts: drops and clips are counted here.
+    inset: see above.
 
   Returns:
     (boxes [k', 4] float32, keep [k] bool).
@@ -298,6 +346,11 @@ def validate_boxes(boxes, size, counts, *, inset=1):
 
 
 def tfds_builder(name, data_dir):
+  """The prepared TFDS builder `name` (e.g. 'voc/2007') in `data_dir`.
+
+  Raises:
+    DatasetNotFoundError: it is not prepared (the message says how to).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(name, data_dir=data_dir or None)
   if not builder.is_prepared():
@@ -310,3 +363,20 @@ def tfds_builder(name, data_dir):
         'VOCdevkit folder with --config.data.voc_root=PATH. See '
         'docs/datasets.md.')
   return builder
+
+
+def image_reader(index):
+  """A TF function: example number (int64 scalar) -> encoded image bytes.
+
+  Pure graph ops (no Python inside tf.data): file reads for the folder
+  backend, a hash table of the in-memory bytes for TFDS.
+  """
+  if index.paths is not None:
+    paths = tf.constant(index.paths)
+    return lambda i: tf.io.read_file(tf.gather(paths, i))
+  table = tf.lookup.StaticHashTable(
+      tf.lookup.KeyValueTensorInitializer(
+          tf.range(len(index), dtype=tf.int64),
+          tf.constant(list(index.blobs), dtype=tf.string)),
+      default_value=b'')
+  return table.lookup

@@ -1,7 +1,8 @@
 """Where examples come from: VOC-format folders or TFDS, as a host-side index.
 
-Both backends produce the same `records.Index` for the same images: annotations parsed
-on the host and checked once, image bytes read later inside tf.data.
+Both backends produce the same `records.Index` for the same images:
+annotations parsed on the host and checked once, image bytes read later
+inside tf.data.
 
 Box convention everywhere in this module: pixel corner boxes
 (xmin, ymin, xmax, ymax), 0-based as the reference parses VOC, i.e. every XML
@@ -18,7 +19,8 @@ validation).
 
 Bad input never raises here: an example whose image or annotation cannot be
 used is left out and counted, a box is clipped to the image or dropped and
-counted (see `records.Counts`). Only a missing dataset raises `records.DatasetNotFoundError`.
+counted (see `records.Counts`). Only a missing dataset raises
+`records.DatasetNotFoundError`. `voc_index` picks the backend.
 """
 
 import os
@@ -26,12 +28,8 @@ import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
-import tensorflow as tf
 
-from ssd_jax import data as data_lib
 from ssd_jax.data import records
-
-data_lib.hide_gpus_from_tensorflow()
 
 _SPLIT_RE = re.compile(r'^(?P<prefix>.+)_(?P<split>[^_]+)$')
 _VOC_YEAR_RE = re.compile(r'^voc_(?P<year>\d{4})$')
@@ -41,21 +39,6 @@ _TFDS_SPLITS = {
     'val': ('validation',),
     'test': ('test',),
 }
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ----------------------------------------------------------------- parsing ---
@@ -110,12 +93,21 @@ def parse_voc_xml(xml_text, class_names, counts):
           np.array(labels, np.int32), np.array(difficult, bool))
 
 
+def _checked_voc_example(image_id, xml_text, image_data, source, class_names,
+                         counts):
+  """One image + annotation pair as a `records.Example`, checked.
 
+  Args:
+    image_id: the VOC id.
+    xml_text: the annotation's bytes.
+    image_data: the encoded image, a binary file object or bytes.
+    source: what the example reads its image from (path or bytes).
+    class_names: config.data.class_names.
+    counts: fixes are counted here.
 
-
-
-def _voc_example(image_id, xml_text, image_data, source, class_names, counts):
-  """Checks one image + annotation pair; raises records.SkipExample if it is unusable."""
+  Raises:
+    records.SkipExample: the annotation or the image is unusable.
+  """
   xml_size, boxes, labels, difficult = parse_voc_xml(xml_text, class_names,
                                                      counts)
   is_jpeg, size = records.inspect_image(image_data, counts)
@@ -125,7 +117,7 @@ def _voc_example(image_id, xml_text, image_data, source, class_names, counts):
     counts.fixed['size_mismatch'] += 1
   boxes, keep = records.validate_boxes(boxes, size, counts)
   return records.Example(image_id, size, is_jpeg, boxes, labels[keep],
-                  difficult[keep], source)
+                         difficult[keep], source)
 
 
 # ------------------------------------------------------------------ folders ---
@@ -138,7 +130,7 @@ def _folder_dir(voc_root, prefix):
 
 
 def folder_index(voc_root, dataset_name, class_names):
-  """records.Index of a VOC-format folder dataset (see the module docstring)."""
+  """Index of a VOC-format folder dataset (see the module docstring)."""
   prefix, split = _split_name(dataset_name)
   base = _folder_dir(voc_root, prefix)
   split_file = os.path.join(base, 'ImageSets', 'Main', f'{split}.txt')
@@ -168,10 +160,10 @@ def folder_index(voc_root, dataset_name, class_names):
       except OSError as e:
         raise records.SkipExample('missing_image') from e
       with image_file:
-        examples.append(_voc_example(image_id, xml_text, image_file,
-                                      image_path, class_names, counts))
+        examples.append(_checked_voc_example(
+            image_id, xml_text, image_file, image_path, class_names, counts))
     except records.SkipExample as skip:
-      counts.skipped[skip.args[0]] += 1
+      counts.skipped[skip.reason] += 1
   return records.Index.from_examples(examples, counts, blobs=False)
 
 
@@ -197,16 +189,15 @@ def _tfds_split(dataset_name):
   return f'voc/{match["year"]}', _TFDS_SPLITS[split]
 
 
-
-
-def _round_near_integers(values, tolerance=1e-3):
-  """Rounds values within `tolerance` of an integer (TFDS float32 noise)."""
+def _snap_to_integer_pixels(values, tolerance=1e-3):
+  """Rounds pixel values within `tolerance` of an integer (TFDS float32 noise
+  on VOC's integer coordinates)."""
   rounded = np.round(values)
   return np.where(np.abs(values - rounded) < tolerance, rounded, values)
 
 
 def tfds_index(dataset_name, class_names, data_dir=''):
-  """records.Index of a TFDS VOC split, equal to `folder_index` of the same files.
+  """Index of a TFDS VOC split, equal to `folder_index` of the same files.
 
   TFDS stores boxes as (ymin, xmin, ymax, xmax) divided by the XML size, with
   no "-1". They are turned back into the folder backend's pixel boxes:
@@ -248,28 +239,31 @@ def tfds_index(dataset_name, class_names, data_dir=''):
                            and class_index[n] > 0], np.int32)
         difficult = np.asarray(objects['is_difficult'], bool)[known]
         boxes, keep = records.validate_boxes(
-            _round_near_integers(pixel[known]).astype(np.float32), size, counts)
-        examples.append(records.Example(image_id, size, is_jpeg, boxes, labels[keep],
-                                 difficult[keep], data))
+            _snap_to_integer_pixels(pixel[known]).astype(np.float32), size,
+            counts)
+        examples.append(records.Example(image_id, size, is_jpeg, boxes,
+                                        labels[keep], difficult[keep], data))
       except records.SkipExample as skip:
-        counts.skipped[skip.args[0]] += 1
+        counts.skipped[skip.reason] += 1
   examples.sort(key=lambda e: e.image_id)
   return records.Index.from_examples(examples, counts, blobs=True)
 
 
+# -------------------------------------------------------------------- entry ---
 
-def image_reader(index):
-  """A TF function: example number (int64 scalar) -> encoded image bytes.
 
-  Pure graph ops (no Python inside tf.data): file reads for the folder
-  backend, a hash table of the in-memory bytes for TFDS.
+def voc_index(voc_root, tfds_data_dir, dataset_name, class_names):
+  """Index of a VOC-format dataset: the folder (voc_root set) or TFDS.
+
+  Args:
+    voc_root: config.data.voc_root ('' = TFDS).
+    tfds_data_dir: config.data.tfds_data_dir ('' = TFDS's default).
+    dataset_name: e.g. 'voc_2007_trainval'.
+    class_names: config.data.class_names, as a tuple.
+
+  Raises:
+    records.DatasetNotFoundError: the dataset is not there.
   """
-  if index.paths is not None:
-    paths = tf.constant(index.paths)
-    return lambda i: tf.io.read_file(tf.gather(paths, i))
-  table = tf.lookup.StaticHashTable(
-      tf.lookup.KeyValueTensorInitializer(
-          tf.range(len(index), dtype=tf.int64),
-          tf.constant(list(index.blobs), dtype=tf.string)),
-      default_value=b'')
-  return table.lookup
+  if voc_root:
+    return folder_index(voc_root, dataset_name, class_names)
+  return tfds_index(dataset_name, class_names, tfds_data_dir)
