@@ -1,4 +1,4 @@
-"""ssd_jax.deploy.export: ONNX, SavedModel and StableHLO equal the JAX model."""
+"""ssd_jax.deploy.export: every format, NMS inside or raw, equals the JAX model."""
 
 import os
 import subprocess
@@ -10,17 +10,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import ssd300_voc
 from ssd_jax import models
 from ssd_jax.core import box_ops
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.deploy import export
+from ssd_jax.deploy import inference
 from ssd_jax.evaluation import postprocess
+from ssd_jax.interop import torch_import
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
+from tests import detection_checks
+from tests import recipe
 from tests import tiny
 from tests import workdir_testing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
+JPEGS = os.path.join(FIXTURES, 'voc_tiny', 'VOC2007', 'JPEGImages')
 TOLERANCE = 1e-4
 
 
@@ -28,6 +35,9 @@ TOLERANCE = 1e-4
 def tiny_model():
   config = tiny.tiny_config()
   config.model.backbone.batch_norm = True  # BatchNorm statistics exported too
+  # Random weights give near-equal scores; with room for every kept box no
+  # detection is lost to rounding at the top-N cut, so all are compared.
+  config.test.max_per_image = 600
   model = models.create_model(config, nnx.Rngs(5))
   # Non-trivial running statistics (means and variances), so that eval mode
   # matters.
@@ -72,19 +82,19 @@ def _check(outputs, expected, batch):
   assert images.shape[0] >= batch
 
 
-def test_stablehlo(tiny_model, expected):
+def test_raw_stablehlo(tiny_model, expected):
   model, config = tiny_model
-  blob = export.to_stablehlo(model, config).serialize()
+  blob = export.to_stablehlo(model, config, raw=True).serialize()
   exported = jax.export.deserialize(blob)
   assert set(exported.platforms) == {'cpu', 'cuda', 'tpu'}
   for batch in (3, 1):  # symbolic batch
     _check(exported.call(expected[0][:batch]), expected, batch)
 
 
-def test_saved_model(tiny_model, expected, tmp_path):
+def test_raw_saved_model(tiny_model, expected, tmp_path):
   tf = pytest.importorskip('tensorflow')
   model, config = tiny_model
-  export.to_saved_model(model, config, str(tmp_path / 'sm'))
+  export.to_saved_model(model, config, str(tmp_path / 'sm'), raw=True)
   serve = tf.saved_model.load(str(tmp_path / 'sm')).signatures[
       'serving_default']
   assert serve.structured_input_signature[1]['images'].shape.as_list() == [
@@ -96,12 +106,12 @@ def test_saved_model(tiny_model, expected, tmp_path):
            batch)
 
 
-def test_onnx(tiny_model, expected, tmp_path):
+def test_raw_onnx(tiny_model, expected, tmp_path):
   ort = pytest.importorskip('onnxruntime')
   onnx = pytest.importorskip('onnx')
   model, config = tiny_model
   path = tmp_path / 'ssd.onnx'
-  export.export(model, config, 'onnx', str(path))
+  export.export(model, config, 'onnx', str(path), raw=True)
   proto = onnx.load(str(path))
   assert [i.name for i in proto.graph.input] == ['images']
   assert [o.name for o in proto.graph.output] == ['boxes', 'scores']
@@ -154,12 +164,126 @@ def test_cli(tiny_model, expected, tmp_path):
       text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'checkpoint step 3' in result.stdout
+  assert 'Verified: stablehlo:' in result.stdout
   exported = jax.export.deserialize(output.read_bytes())
   assert exported.in_avals[0].shape == (2, 64, 64, 3)
-  _check(exported.call(expected[0][:2]), expected, 2)
+  assert exported.in_avals[0].dtype == np.uint8
+  images = expected[0][:2].astype(np.uint8)
+  figures = export.compare_detections(
+      exported.call(images), export.reference_outputs(model, config, images))
+  assert figures['matched'] == figures['compared'] > 0
 
 
 def test_unknown_format(tiny_model, tmp_path):
   model, config = tiny_model
   with pytest.raises(ValueError, match='unknown export format'):
-    export.export(model, config, 'tflite', str(tmp_path / 'x'))
+    export.export(model, config, 'tfjs', str(tmp_path / 'x'))
+  with pytest.raises(ValueError, match='unknown quantization'):
+    export.export(model, config, 'tflite', str(tmp_path / 'x'),
+                  quantize='int4')
+
+
+def test_converter_failure_is_one_line(tiny_model, tmp_path, monkeypatch):
+  model, config = tiny_model
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("loc(x): 'tf.XlaCallModule' op is neither a custom op "
+                       'nor a flex op\n  many more lines')
+  monkeypatch.setattr(export, 'to_tflite', broken)
+  with pytest.raises(export.ExportError) as error:
+    export.export(model, config, 'tflite', str(tmp_path / 'x.tflite'))
+  assert '\n' not in str(error.value)
+  assert str(error.value).startswith('tflite: ')
+  assert 'op tf.XlaCallModule' in str(error.value)
+  assert not os.listdir(tmp_path)
+
+
+def test_verification_failure_writes_nothing(tiny_model, tmp_path,
+                                             monkeypatch):
+  model, config = tiny_model
+  real = export.load_runner
+
+  def shifted(fmt, path, num_threads=None):
+    run = real(fmt, path, num_threads)
+    return lambda images: (run(images)[0] * 0.9,) + run(images)[1:]
+  monkeypatch.setattr(export, 'load_runner', shifted)
+  with pytest.raises(export.VerificationError, match='stablehlo: 0/'):
+    export.export(model, config, 'stablehlo', str(tmp_path / 'x.shlo'))
+  assert not os.listdir(tmp_path)
+
+
+# Detections with NMS inside: every format on the tiny model.
+NMS_FORMATS = (('stablehlo', 'none', 'ssd.stablehlo'),
+               ('onnx', 'none', 'ssd.onnx'),
+               ('saved_model', 'none', 'ssd_savedmodel'),
+               ('tflite', 'none', 'ssd.tflite'),
+               ('tflite', 'float16', 'ssd_fp16.tflite'))
+
+
+@pytest.mark.parametrize('fmt,quantize,name', NMS_FORMATS)
+def test_nms_export_equals_jax_detections(tiny_model, tmp_path, fmt,
+                                          quantize, name):
+  model, config = tiny_model
+  path = str(tmp_path / name)
+  summary = export.export(model, config, fmt, path, quantize=quantize)
+  print(summary)
+  assert 'agree' in summary
+  run = export.load_runner(fmt, path)
+  images = export.sample_images(config, 3, seed=7)
+  for batch in ((1,) if fmt == 'tflite' else (3, 1)):
+    outputs = run(images[:batch])
+    assert [o.dtype for o in outputs] == [np.float32] * 4
+    assert outputs[0].shape == (batch, config.test.max_per_image, 4)
+    expected = export.reference_outputs(model, config, images[:batch])
+    tolerances = (export.FLOAT16_TOLERANCES if quantize == 'float16' else
+                  (export.VERIFY_IOU, export.VERIFY_SCORE_ATOL))
+    figures = export.compare_detections(outputs, expected, *tolerances)
+    assert figures['compared'] > 20, figures
+    if quantize == 'float16':
+      assert figures['matched'] >= 0.5 * figures['compared'], figures
+    else:
+      assert figures['matched'] == figures['compared'], figures
+
+
+def _voc_tiny_inputs():
+  ref = np.load(os.path.join(FIXTURES, 'voc_tiny_dets.npz'))
+  images = np.stack([inference.resize_for_model(inference.load_image(
+      os.path.join(JPEGS, f'{i}.jpg')), 300) for i in ref['image_ids']])
+  return images, ref
+
+
+def _assert_reproduces_reference(outputs, ref, batch_index, image_index):
+  boxes, scores, classes, counts = outputs
+  n = int(counts[batch_index])
+  height, width = ref['orig_hw'][image_index]
+  ymin, xmin, ymax, xmax = np.moveaxis(boxes[batch_index, :n], -1, 0)
+  det = {'boxes': np.stack([xmin, ymin, xmax, ymax], -1) * np.array(
+             [width, height, width, height], np.float32),
+         'scores': scores[batch_index, :n],
+         'labels': classes[batch_index, :n].astype(np.int64)}
+  m = ref['num_dets'][image_index]
+  detection_checks.assert_similar_top_detections(
+      det, ref['boxes'][image_index, :m], ref['labels'][image_index, :m],
+      ref['scores'][image_index, :m], top=20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('fmt', ('onnx', 'tflite'))
+def test_ssd300_export_reproduces_reference(tmp_path, fmt):
+  """The reference's weights, voc_tiny's JPEGs: its top-20 detections."""
+  config = ssd300_voc.get_config()
+  model = nnx.eval_shape(lambda: models.create_model(config))
+  torch_import.load_detector_state_dict(model, recipe.recipe_state_dict())
+  images, ref = _voc_tiny_inputs()
+  path = str(tmp_path / f'ssd300.{fmt}')
+  summary = export.export(model, config, fmt, path,
+                          verify_images=images[:2])
+  print(summary)
+  run = export.load_runner(fmt, path)
+  if fmt == 'tflite':
+    for i in range(len(images)):
+      _assert_reproduces_reference(run(images[i:i + 1]), ref, 0, i)
+  else:
+    outputs = run(images)
+    for i in range(len(images)):
+      _assert_reproduces_reference(outputs, ref, i, i)

@@ -59,12 +59,13 @@ def _greedy_nms(boxes, alive, iou_threshold):
     bool [..., K]: the kept boxes.
   """
   size = boxes.shape[-2]
-  positions = jnp.arange(size)
 
-  # The boxes travel in the loop's carry, not by closure: jax2onnx cannot
-  # convert a loop body that reads an array from outside.
+  # The boxes travel in the loop's carry and the positions are made inside
+  # the body, not closed over: jax2onnx cannot convert a loop body that reads
+  # an array from outside.
   def visit(i, carry):
     keep, boxes = carry
+    positions = jnp.arange(size)
     box = jax.lax.dynamic_slice_in_dim(boxes, i, 1, axis=-2)
     overlaps = box_ops.iou(box, boxes, eps=0.0)  # [..., K]; 0/0 never hits
     kept = jax.lax.dynamic_slice_in_dim(keep, i, 1, axis=-1)
@@ -75,8 +76,18 @@ def _greedy_nms(boxes, alive, iou_threshold):
   return keep
 
 
+def _top_k(values, k, by_sort):
+  """`lax.top_k` over the last axis, or the same (ties by index) by a sort."""
+  if not by_sort:
+    return jax.lax.top_k(values, k)
+  indices = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+  negated, indices = jax.lax.sort((-values, indices), dimension=values.ndim - 1,
+                                  num_keys=1, is_stable=True)
+  return -negated[..., :k], indices[..., :k]
+
+
 def detect(cls_logits, bbox_pred, priors, config, *, confidence_threshold=None,
-           exact_ties=True):
+           exact_ties=True, top_k_by_sort=False):
   """Detections of a batch, on the device.
 
   Args:
@@ -91,6 +102,9 @@ def detect(cls_logits, bbox_pred, priors, config, *, confidence_threshold=None,
     exact_ties: order equal scores by (prior, class) as the host path does,
       with a three-key sort; False orders them by class, then prior, with a
       plain top-k (for converters without a multi-operand sort).
+    top_k_by_sort: compute the top-k as a sort (same result): the top-k
+      lowers to a StableHLO composite that older StableHLO consumers (TF
+      2.21's XlaCallModule) cannot read.
 
   Returns:
     `Detections`, N = test.max_per_image.
@@ -114,7 +128,7 @@ def detect(cls_logits, bbox_pred, priors, config, *, confidence_threshold=None,
     confidence_threshold = test.confidence_threshold
   threshold = jnp.asarray(confidence_threshold, jnp.float32)
   num_candidates = jnp.sum(class_scores > threshold, axis=-1, dtype=jnp.int32)
-  top_scores, top_priors = jax.lax.top_k(class_scores, per_class)
+  top_scores, top_priors = _top_k(class_scores, per_class, top_k_by_sort)
   alive = top_scores > threshold
   top_boxes = jnp.take_along_axis(boxes[:, None], top_priors[..., None],
                                   axis=2)  # [B, C-1, K, 4]
@@ -135,7 +149,7 @@ def detect(cls_logits, bbox_pred, priors, config, *, confidence_threshold=None,
         num_keys=3)
     order = order[:, :count]
   else:
-    _, order = jax.lax.top_k(flat_scores, count)
+    _, order = _top_k(flat_scores, count, top_k_by_sort)
   best_scores = jnp.take_along_axis(flat_scores, order, axis=1)
   valid = best_scores > -jnp.inf
   best_priors = jnp.take_along_axis(flat_priors, order, axis=1)

@@ -1,20 +1,32 @@
-"""The trained network, softmax and box decoding as a portable graph.
+"""The trained detector, NMS included, as a portable graph.
 
     python export.py --workdir=W --format=onnx --output=ssd.onnx
     python export.py --workdir=W --format=saved_model --output=DIR
+    python export.py --workdir=W --format=tflite --output=ssd.tflite \
+        [--quantize=none|float16]
     python export.py --workdir=W --format=stablehlo --output=ssd.shlo
 
-The exported function (`serving_function`):
-  images  float32 [B, S, S, 3]: RGB, 0..255, already resized to the model's
-          input size S (`inference.resize_for_model` is the resize evaluation
-          uses); the mean subtraction is inside.
-  boxes   float32 [B, P, 4]: every prior's decoded box, (xmin, ymin, xmax,
-          ymax) normalised to [0, 1] (multiply by the original width/height).
-  scores  float32 [B, P, C]: softmax class probabilities, column 0 the
-          background.
-B is symbolic unless --batch_size is given. Thresholding, per-class NMS and
-top-k (postprocess.detect) stay outside the graph: the serving side runs its
-own NMS (onnxruntime-extensions, TF's combined_non_max_suppression, ...).
+The exported function (`serving_function`), NMS inside (the default):
+  images             uint8 [B, S, S, 3]: RGB, already resized to the model's
+                     input size S (`inference.resize_for_model` is the resize
+                     evaluation uses); the mean subtraction is inside. uint8
+                     in every format.
+  detection_boxes    float32 [B, N, 4]: (ymin, xmin, ymax, xmax) normalised
+                     to [0, 1] (multiply by the original height/width).
+  detection_scores   float32 [B, N], descending.
+  detection_classes  float32 [B, N]: label ids 1..C-1 (0 in padding).
+  num_detections     float32 [B]: the valid entries of each row.
+N = test.max_per_image; the TF Object Detection API's convention. The
+post-processing is `core.detect.detect` (the reference's thresholds, per-class
+top-k, greedy NMS, top-N) with `exact_ties=False` (equal scores ordered by
+class, then prior: a plain top-k instead of a three-key sort).
+
+With `raw=True` (`--raw_outputs`) the graph stops before thresholding:
+  images  float32 [B, S, S, 3] RGB 0..255 -> boxes float32 [B, P, 4] (every
+  prior's decoded box, xmin, ymin, xmax, ymax in [0, 1]) and scores float32
+  [B, P, C] (softmax, column 0 background).
+
+B is symbolic unless batch_size is given (TFLite: fixed, default 1).
 
 The graph is the model's plain XLA form: the CPU-only Winograd convolutions
 are switched off while tracing (`layers.cpu_kernels(False)`), so the exported
@@ -24,54 +36,110 @@ Formats:
   stablehlo    jax.export, serialized (`jax.export.deserialize(...).call`),
                lowered for CPU, CUDA and TPU.
   saved_model  jax2tf (the StableHLO inside an XlaCallModule op; parameters as
-               tf.Variables); signature 'serving_default' images -> {boxes,
-               scores}. Loads with TF >= 2.15 on CPU or GPU.
-  onnx         jax2onnx (opset 18), inputs/outputs named images, boxes, scores.
+               tf.Variables); signature 'serving_default'. Loads with
+               TF >= 2.15 on CPU or GPU.
+  onnx         jax2onnx (opset 18); the NMS loop becomes an ONNX Loop, top-k
+               TopK.
+  tflite       tf.lite.TFLiteConverter.experimental_from_jax (jax2tf's
+               XlaCallModule is no TFLite op); the loop becomes a WHILE
+               subgraph. quantize='float16' stores the weights as float16.
+
+Every export runs the written artifact with its runtime on sample images and
+compares its detections with the JAX model's (`verify`) before returning;
+float16 weights with IoU >= 0.9 and scores within 0.02 (FLOAT16_TOLERANCES)
+for at least half of them (FLOAT16_MIN_AGREEMENT);
+a disagreement raises VerificationError, a converter failure ExportError,
+each with a one-line message.
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax.core import box_ops
+from ssd_jax.core import detect as detect_lib
 from ssd_jax.core import priors as priors_lib
 from ssd_jax.runtime import kernels
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
 
-FORMATS = ('onnx', 'saved_model', 'stablehlo')
+FORMATS = ('onnx', 'saved_model', 'tflite', 'stablehlo')
+QUANTIZATIONS = ('none', 'float16')
 ONNX_OPSET = 18
 STABLEHLO_PLATFORMS = ('cpu', 'cuda', 'tpu')
+OUTPUT_NAMES = ('detection_boxes', 'detection_scores', 'detection_classes',
+                'num_detections')
+RAW_OUTPUT_NAMES = ('boxes', 'scores')
+# Verification of float formats: every detection scoring above VERIFY_SCORE
+# must have a partner with the same label, IoU >= VERIFY_IOU and a score
+# within VERIFY_SCORE_ATOL.
+VERIFY_SCORE = 0.05
+VERIFY_IOU = 0.99
+VERIFY_SCORE_ATOL = 1e-3
+# float16 weights move scores by more than 1e-3: (min IoU, score tolerance),
+# and the least share of detections that must agree (with random weights'
+# near-equal scores a few flips cascade through NMS).
+FLOAT16_TOLERANCES = (0.9, 0.02)
+FLOAT16_MIN_AGREEMENT = 0.5
 
 
-def serving_function(model, config):
+class ExportError(Exception):
+  """A converter could not handle the model (one-line message)."""
+
+
+class VerificationError(Exception):
+  """The exported artifact disagrees with the JAX detector."""
+
+
+def output_names(raw=False):
+  return RAW_OUTPUT_NAMES if raw else OUTPUT_NAMES
+
+
+def input_dtype(raw=False):
+  return np.float32 if raw else np.uint8
+
+
+def serving_function(model, config, raw=False, for_tf=False):
   """The exported computation as (fn(variables, images), variables).
 
   Args:
     model: an NNX SSD of `config`.
     config: its experiment config.
+    raw: stop before thresholding and NMS (module docstring).
+    for_tf: for jax2tf's XlaCallModule: top-k as a sort, equal scores in
+      the host path's order (TF 2.21 reads no StableHLO composites).
 
   Returns:
-    `fn(variables, images) -> (boxes, scores)` (shapes in the module
-    docstring), pure and traceable, and `variables`, the model's arrays (the
-    ModelVariables) to pass to it.
+    `fn(variables, images) -> tuple` of the outputs named by
+    `output_names(raw)` (shapes in the module docstring), pure and
+    traceable, and `variables`, the model's arrays (the ModelVariables) to
+    pass to it.
   """
   model_def, variables = variables_lib.model_variables(model)
   priors = np.asarray(priors_lib.generate_priors(config), np.float32)
-  pixel_mean = np.asarray(config.input.pixel_mean, np.float32)
-  center_variance = config.model.center_variance
-  size_variance = config.model.size_variance
+  forward = predict_lib.pixels_to_outputs(model_def, config)
+  size = config.input.image_size
 
   def fn(variables, images):
     with kernels.step_kernels(cpu_kernels=False).scope():  # plain XLA
-      cls_logits, bbox_pred = predict_lib.predict(
-          model_def, variables, images.astype(jnp.float32) - pixel_mean)
-    scores = jax.nn.softmax(cls_logits, axis=-1)
-    boxes = box_ops.center_to_corner(box_ops.decode(
-        bbox_pred, priors, center_variance, size_variance))
-    return boxes, scores
+      cls_logits, bbox_pred = forward(variables, images)
+    if raw:
+      scores = jax.nn.softmax(cls_logits, axis=-1)
+      boxes = box_ops.center_to_corner(box_ops.decode(
+          bbox_pred, priors, config.model.center_variance,
+          config.model.size_variance))
+      return boxes, scores
+    detections = detect_lib.detect(cls_logits, bbox_pred, priors, config,
+                                   exact_ties=for_tf, top_k_by_sort=for_tf)
+    xyxy = detect_lib.to_normalized(detections.boxes, size)
+    yxyx = jnp.stack([xyxy[..., 1], xyxy[..., 0], xyxy[..., 3],
+                      xyxy[..., 2]], axis=-1)
+    return (yxyx, detections.scores,
+            detections.labels.astype(jnp.float32),
+            detections.num_detections.astype(jnp.float32))
 
   return fn, variables
 
@@ -82,27 +150,27 @@ def _image_shape(config, batch_size):
 
 
 def to_stablehlo(model, config, batch_size=None,
-                 platforms=STABLEHLO_PLATFORMS):
-  """A `jax.export.Exported` of images -> (boxes, scores), parameters inside.
+                 platforms=STABLEHLO_PLATFORMS, raw=False):
+  """A `jax.export.Exported` of images -> outputs, parameters inside.
 
   Serialize with `.serialize()`; `jax.export.deserialize(blob).call(images)`
   runs it on any of `platforms`.
   """
-  fn, variables = serving_function(model, config)
+  fn, variables = serving_function(model, config, raw)
   shape = _image_shape(config, batch_size)
   if batch_size is None:
     shape = jax.export.symbolic_shape('b') + shape[1:]
   return jax.export.export(
       jax.jit(lambda images: fn(variables, images)),
-      platforms=platforms)(jax.ShapeDtypeStruct(shape, jnp.float32))
+      platforms=platforms)(jax.ShapeDtypeStruct(shape, input_dtype(raw)))
 
 
 def to_saved_model(model, config, path, batch_size=None,
-                   platforms=STABLEHLO_PLATFORMS):
+                   platforms=STABLEHLO_PLATFORMS, raw=False):
   """Writes a TF SavedModel (signature 'serving_default') to `path`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  fn, variables = serving_function(model, config)
+  fn, variables = serving_function(model, config, raw, for_tf=True)
   leaves, treedef = jax.tree.flatten(variables)
   shape = _image_shape(config, batch_size)
   converted = jax2tf.convert(
@@ -116,13 +184,29 @@ def to_saved_model(model, config, path, batch_size=None,
                            for x in leaves]
 
   @tf.function(autograph=False, input_signature=[
-      tf.TensorSpec(shape, tf.float32, name='images')])
+      tf.TensorSpec(shape, tf.as_dtype(input_dtype(raw)), name='images')])
   def serve(images):
-    boxes, scores = converted(module.variables_list, images)
-    return {'boxes': boxes, 'scores': scores}
+    outputs = converted(module.variables_list, images)
+    return dict(zip(output_names(raw), outputs))
 
   module.serve = serve
   tf.saved_model.save(module, path, signatures={'serving_default': serve})
+
+
+def to_tflite(model, config, batch_size=1, quantize='none', raw=False):
+  """The TFLite flatbuffer (bytes): input 'images', outputs in order."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if quantize not in QUANTIZATIONS:
+    raise ValueError(f'unknown quantization {quantize!r}; choose one of '
+                     f'{", ".join(QUANTIZATIONS)}')
+  fn, variables = serving_function(model, config, raw)
+  example = np.zeros(_image_shape(config, batch_size or 1), input_dtype(raw))
+  converter = tf.lite.TFLiteConverter.experimental_from_jax(
+      [lambda images: fn(variables, images)], [[('images', example)]])
+  if quantize == 'float16':
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+  return converter.convert()
 
 
 def _nhwc_max_pools_to_2d(onnx_model):
@@ -190,37 +274,275 @@ def _nhwc_max_pools_to_2d(onnx_model):
   return onnx_model
 
 
-def to_onnx(model, config, batch_size=None, opset=ONNX_OPSET):
-  """An onnx.ModelProto: input 'images', outputs 'boxes', 'scores'."""
+def to_onnx(model, config, batch_size=None, opset=ONNX_OPSET, raw=False):
+  """An onnx.ModelProto: input 'images', outputs `output_names(raw)`."""
   import jax2onnx  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
-  fn, variables = serving_function(model, config)
+  fn, variables = serving_function(model, config, raw)
   shape = _image_shape(config, batch_size)
   if batch_size is None:
     shape = ('batch',) + shape[1:]
   onnx_model = jax2onnx.to_onnx(
-      lambda images: fn(variables, images), [shape],
+      lambda images: fn(variables, images),
+      [jax.ShapeDtypeStruct(shape, input_dtype(raw))],
       model_name='ssd_jax', opset=opset, input_names=['images'],
-      output_names=['boxes', 'scores'])
+      output_names=list(output_names(raw)))
   onnx_model = _nhwc_max_pools_to_2d(onnx_model)
   onnx.checker.check_model(onnx_model)
   return onnx_model
 
 
-def export(model, config, fmt, output, batch_size=None):
-  """Writes `model` in format `fmt` (one of FORMATS) to `output`."""
+def load_runner(fmt, path, num_threads=None):
+  """The written artifact as `run(images) -> tuple of numpy outputs`.
+
+  Each format runs in its own runtime: onnxruntime, TF (SavedModel),
+  tf.lite.Interpreter, jax.export.deserialize. `num_threads` (onnxruntime,
+  TFLite): the runtime's intra-op threads (None: its default).
+  """
+  if fmt == 'stablehlo':
+    with open(path, 'rb') as f:
+      exported = jax.export.deserialize(f.read())
+    return lambda images: tuple(np.asarray(x) for x in exported.call(images))
+  if fmt == 'saved_model':
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    serve = tf.saved_model.load(path).signatures['serving_default']
+    names = [n for n in (OUTPUT_NAMES, RAW_OUTPUT_NAMES)
+             if set(n) == set(serve.structured_outputs)][0]
+    def run_saved_model(images):
+      outputs = serve(images=tf.constant(images))
+      return tuple(outputs[name].numpy() for name in names)
+    return run_saved_model
+  if fmt == 'onnx':
+    import onnxruntime as ort  # pylint: disable=g-import-not-at-top
+    options = ort.SessionOptions()
+    if num_threads:
+      options.intra_op_num_threads = num_threads
+      options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options,
+                                   providers=['CPUExecutionProvider'])
+    return lambda images: tuple(session.run(None, {'images': images}))
+  if fmt == 'tflite':
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    interpreter = tf.lite.Interpreter(model_path=path,
+                                      num_threads=num_threads)
+    interpreter.allocate_tensors()
+    [image_input] = interpreter.get_input_details()
+    outputs = interpreter.get_output_details()
+    def run_tflite(images):
+      if tuple(images.shape) != tuple(image_input['shape']):
+        interpreter.resize_tensor_input(image_input['index'], images.shape)
+        interpreter.allocate_tensors()
+      interpreter.set_tensor(image_input['index'], images)
+      interpreter.invoke()
+      return tuple(interpreter.get_tensor(o['index']).copy() for o in outputs)
+    return run_tflite
+  raise ValueError(f'unknown export format {fmt!r}')
+
+
+def reference_outputs(model, config, images, raw=False):
+  """The JAX model's outputs in the exported convention (exact ties)."""
+  model_def, variables = variables_lib.model_variables(model)
+  forward = predict_lib.pixels_to_outputs(model_def, config)
+  cls_logits, bbox_pred = jax.jit(forward)(variables, images)
+  priors = priors_lib.generate_priors(config)
+  if raw:
+    scores = jax.nn.softmax(cls_logits, axis=-1)
+    boxes = box_ops.center_to_corner(box_ops.decode(
+        bbox_pred, priors, config.model.center_variance,
+        config.model.size_variance))
+    return np.asarray(boxes), np.asarray(scores)
+  detections = detect_lib.detect(cls_logits, bbox_pred, priors, config)
+  xyxy = np.asarray(detect_lib.to_normalized(detections.boxes,
+                                             config.input.image_size))
+  return (xyxy[..., [1, 0, 3, 2]], np.asarray(detections.scores),
+          np.asarray(detections.labels, np.float32),
+          np.asarray(detections.num_detections, np.float32))
+
+
+def _match_detections(ours, theirs, min_score, min_iou, score_atol):
+  """(matched, compared) of `theirs`' detections above min_score.
+
+  Each is (boxes [N, 4], scores [N], classes [N]) of one image; a detection
+  of `theirs` is matched by an unused one of `ours` with the same class,
+  IoU >= min_iou and (score_atol not None) a score within score_atol.
+  """
+  boxes, scores, classes = theirs
+  our_boxes, our_scores, our_classes = ours
+  selected = scores > min_score
+  iou = box_ops.pairwise_iou(np.asarray(boxes[selected], np.float32),
+                             np.asarray(our_boxes, np.float32), eps=0.0)
+  used = np.zeros(len(our_scores), bool)
+  matched = 0
+  for k, (score, label) in enumerate(zip(scores[selected],
+                                         classes[selected])):
+    ok = (our_classes == label) & (iou[k] >= min_iou) & ~used
+    if score_atol is not None:
+      ok &= np.abs(our_scores - score) <= score_atol
+    if ok.any():
+      candidates = np.flatnonzero(ok)
+      used[candidates[np.argmax(iou[k][candidates])]] = True
+      matched += 1
+  return matched, int(selected.sum())
+
+
+def compare_detections(outputs, expected, min_iou=VERIFY_IOU,
+                       score_atol=VERIFY_SCORE_ATOL):
+  """Float-format agreement of exported and JAX detections, both ways.
+
+  Args:
+    outputs, expected: (detection_boxes, detection_scores,
+      detection_classes, num_detections) of the same images.
+
+  Returns:
+    dict: `compared` (detections above VERIFY_SCORE, both directions),
+    `matched`, `max_score_diff` (over matched pairs, by position).
+    Detections within VERIFY_SCORE_ATOL of a full list's last score are
+    left out (which of two near-equal scores makes the cut is rounding).
+  """
+  matched = compared = 0
+  for i in range(len(expected[0])):
+    per_image = []
+    for boxes, scores, classes, count in (outputs, expected):
+      n = int(count[i])
+      per_image.append((boxes[i, :n], scores[i, :n], classes[i, :n]))
+    floor = VERIFY_SCORE
+    for _, scores, _ in per_image:
+      if len(scores) == len(expected[1][i]):  # full: a cut at the last one
+        floor = max(floor, float(scores[-1]) + score_atol)
+    for a, b in ((per_image[0], per_image[1]), (per_image[1], per_image[0])):
+      m, c = _match_detections(a, b, floor, min_iou, score_atol)
+      matched += m
+      compared += c
+  return {'compared': compared, 'matched': matched}
+
+
+def verify(fmt, run, model, config, images, raw=False,
+           tolerances=(VERIFY_IOU, VERIFY_SCORE_ATOL), min_agreement=1.0):
+  """Runs the artifact on `images`; raises VerificationError on disagreement.
+
+  Returns:
+    A one-line summary of the figures.
+  """
+  expected = reference_outputs(model, config, images, raw)
+  outputs = run(images)
+  if len(outputs) != len(expected) or any(
+      o.shape != e.shape for o, e in zip(outputs, expected)):
+    raise VerificationError(
+        f'{fmt}: output shapes {[o.shape for o in outputs]} != '
+        f'{[e.shape for e in expected]}')
+  if raw:
+    diff = max(float(np.abs(o - e).max()) for o, e in zip(outputs, expected))
+    summary = f'{fmt}: raw outputs within {diff:.2e} of JAX'
+    if diff > 1e-3:
+      raise VerificationError(summary + ' (more than 1e-3)')
+    return summary
+  min_iou, score_atol = tolerances
+  figures = compare_detections(outputs, expected, min_iou, score_atol)
+  summary = (f'{fmt}: {figures["matched"]}/{figures["compared"]} detections '
+             f'above {VERIFY_SCORE} agree with JAX on {len(images)} images '
+             f'(label equal, IoU >= {min_iou}, score within {score_atol})')
+  if figures['matched'] < min_agreement * figures['compared']:
+    raise VerificationError(summary)
+  return summary
+
+
+def sample_images(config, count=2, seed=0):
+  """Random uint8 [count, S, S, 3] images for the self-check."""
+  size = int(config.input.image_size)
+  return np.random.default_rng(seed).integers(
+      0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def _converter_failure(fmt, error):
+  """A one-line ExportError naming the format and, where found, the op."""
+  text = str(error)
+  match = (re.search(r"'([\w.]+)' op", text) or
+           re.search(r"primitive[ '\"]+([\w.]+)", text) or
+           re.search(r"op[ '\"]+([\w.]+)", text))
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  first = lines[0][:200] if lines else type(error).__name__
+  op = f' op {match.group(1)}' if match else ''
+  return ExportError(f'{fmt}: the converter cannot handle the model{op} '
+                     f'({type(error).__name__}: {first})')
+
+
+def export(model, config, fmt, output, batch_size=None, *, quantize='none',
+           raw=False, verify_images=None):
+  """Writes `model` in format `fmt` (one of FORMATS) to `output`, verified.
+
+  Args:
+    model, config: the NNX SSD and its config.
+    fmt: one of FORMATS.
+    output: file (onnx, tflite, stablehlo) or directory (saved_model).
+    batch_size: fixed batch size (None: symbolic; TFLite: 1).
+    quantize: tflite only, one of QUANTIZATIONS.
+    raw: the graph without NMS (module docstring).
+    verify_images: uint8 [B, S, S, 3] images for the self-check (default
+      `sample_images`); False skips it.
+
+  Returns:
+    The verification summary (None when skipped).
+
+  Raises:
+    ExportError: the converter failed (one-line message).
+    VerificationError: the artifact disagrees with the JAX model.
+  """
   if fmt not in FORMATS:
     raise ValueError(f'unknown export format {fmt!r}; choose one of '
                      f'{", ".join(FORMATS)}')
   if batch_size is not None and batch_size < 1:
     raise ValueError(f'--batch_size must be >= 1, got {batch_size}')
+  if quantize not in QUANTIZATIONS:
+    raise ValueError(f'unknown quantization {quantize!r}; choose one of '
+                     f'{", ".join(QUANTIZATIONS)}')
+  if quantize != 'none' and fmt != 'tflite':
+    raise ValueError(f'--quantize={quantize} is for --format=tflite only')
   parent = os.path.dirname(os.path.abspath(output))
   os.makedirs(parent, exist_ok=True)
-  if fmt == 'stablehlo':
-    with open(output, 'wb') as f:
-      f.write(to_stablehlo(model, config, batch_size).serialize())
-  elif fmt == 'saved_model':
-    to_saved_model(model, config, output, batch_size)
+  try:
+    if fmt == 'stablehlo':
+      blob = to_stablehlo(model, config, batch_size, raw=raw).serialize()
+    elif fmt == 'tflite':
+      blob = to_tflite(model, config, batch_size, quantize, raw)
+    elif fmt == 'onnx':
+      blob = to_onnx(model, config, batch_size, raw=raw).SerializeToString()
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise _converter_failure(fmt, e) from e
+  # Written to a temporary name, verified, then moved into place.
+  staging = output + '.unverified'
+  if fmt == 'saved_model':
+    try:
+      to_saved_model(model, config, staging, batch_size, raw=raw)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise _converter_failure(fmt, e) from e
   else:
-    import onnx  # pylint: disable=g-import-not-at-top
-    onnx.save(to_onnx(model, config, batch_size), output)
+    with open(staging, 'wb') as f:
+      f.write(blob)
+  summary = None
+  try:
+    if verify_images is not False:
+      images = (sample_images(config, batch_size or 2)
+                if verify_images is None else np.asarray(verify_images))
+      if batch_size is not None or fmt == 'tflite':
+        images = images[:batch_size or 1]
+      if raw:
+        images = images.astype(np.float32)
+      tolerances = (FLOAT16_TOLERANCES if quantize == 'float16' else
+                    (VERIFY_IOU, VERIFY_SCORE_ATOL))
+      summary = verify(fmt, load_runner(fmt, staging), model, config, images,
+                       raw, tolerances,
+                       FLOAT16_MIN_AGREEMENT if quantize == 'float16' else 1.0)
+  except Exception:
+    _remove(staging)
+    raise
+  _remove(output)
+  os.replace(staging, output)
+  return summary
+
+
+def _remove(path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
