@@ -7,20 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import ssd300_voc
 from ssd_jax.core import detect
 from ssd_jax.evaluation import postprocess
 from tests import detection_checks
 from tests.test_postprocess import _clustered_inputs
+from tests.test_postprocess import _config
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures')
-
-
-def _config(**test):
-  config = ssd300_voc.get_config()
-  for key, value in test.items():
-    setattr(config.test, key, value)
-  return config
 
 
 def _device_detections(cls_logits, bbox_pred, priors, orig_sizes, config,
