@@ -15,8 +15,8 @@ ends (after the save has been waited for).
 
 With several processes (jax.distributed) every process must stop at the same
 step, since saving a checkpoint is a collective operation: `agreed()` then
-gathers every process's flag (a one-integer all-gather per step) and all
-stop when any of them was signalled. JAX's own preemption service
+gathers every process's flag (a one-integer all-gather) at the loop's log
+and save steps, and all stop there when any of them was signalled. JAX's own preemption service
 (multihost_utils.reached_preemption_sync_point) is not used: it only listens
 for SIGTERM, through a C++ handler that a Python handler would replace.
 """
@@ -68,13 +68,21 @@ class StopRequests:
     if self.received is None:
       self.received = signal.Signals(signum).name
 
-  def agreed(self):
+  def agreed(self, sync_point=True):
     """Whether to stop now: this process was signalled or, with several
     processes, any of them was. All processes must call it at the same
-    steps."""
+    steps with the same `sync_point`.
+
+    With several processes the flags are only gathered where `sync_point`
+    (the loop's log and save steps, where it reads the device anyway), so
+    that the other steps keep their asynchronous dispatch; one process
+    alone stops at any step.
+    """
     local = self.received is not None
     if jax.process_count() == 1:
       return local
+    if not sync_point:
+      return False
     flags = multihost_utils.process_allgather(np.int32(local))
     if np.any(flags) and self.received is None:
       self.received = 'another process'

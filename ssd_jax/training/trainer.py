@@ -99,11 +99,12 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
         state, metrics = train_step(state, batch)
         progress.add(step, metrics, waited)
         is_save = step % config.save_step == 0 or step == max_iter
-        if step % config.log_step == 0 or is_save:
+        is_read = step % config.log_step == 0 or is_save
+        if is_read:
           progress.read(step, log=step % config.log_step == 0)
         if is_save:
           save_checkpoint(checkpointer, config, state, step, logger)
-        if stop.agreed():
+        if stop.agreed(sync_point=is_read):
           stop_preempted(checkpointer, config, state, step, progress,
                          is_save, logger, stop.received)
         if (config.eval_step > 0 and step % config.eval_step == 0 and
