@@ -11,6 +11,8 @@ refuses to run after it.
 
 import logging
 import os
+import sys
+import warnings
 
 from absl import flags
 from absl import logging as absl_logging
@@ -130,7 +132,30 @@ class _WithoutOrbaxTraceback(logging.Filter):
     return True
 
 
+def _is_closed_loop_callback(unraisable):
+  """A write finishing after Orbax closed its event loop on a failed save."""
+  error = unraisable.exc_value
+  return (isinstance(error, RuntimeError) and
+          str(error) == 'Event loop is closed')
+
+
 def shorten_orbax_errors():
   """Orbax logs a failed save with several tracebacks from its threads; the
-  commands report it once, as a CheckpointSaveError naming the path."""
+  commands report it once, as a CheckpointSaveError naming the path.
+
+  After a failed save, Orbax closes the event loop of that save while
+  TensorStore still completes its other writes; each completion then tries
+  to wake the closed loop and Python prints an unraisable 'Event loop is
+  closed' traceback (hundreds of them). Those, and the warning about the
+  writes never awaited, carry nothing beyond the error already reported.
+  """
   absl_logging.get_absl_logger().addFilter(_WithoutOrbaxTraceback())
+  previous_hook = sys.unraisablehook
+
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop_callback(unraisable):
+      previous_hook(unraisable)
+
+  sys.unraisablehook = unraisable_hook
+  warnings.filterwarnings('ignore', message=r"coroutine '.*' was never awaited",
+                          category=RuntimeWarning)
