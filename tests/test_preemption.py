@@ -120,3 +120,41 @@ def test_sigint_in_process_raises_preempted(tmp_path, signum, monkeypatch):
   assert stopped.value.step == 4 and stopped.value.signal_name == 'SIGINT'
   assert calls == [4]  # the save step is not written twice
   assert checkpointing.Checkpointer(str(tmp_path / 'run')).all_steps() == [4]
+
+
+def test_a_full_disk_at_the_preemption_save_keeps_the_older_checkpoint(
+    tmp_path, monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  config = tiny_shapes_config(tmp_path / 'shapes')
+  config.solver.max_iter = 12
+  workdir = tmp_path / 'run'
+  original_prefetch = trainer.prefetch
+
+  def prefetch_then_signal(*args):
+    for step, item in enumerate(original_prefetch(*args), start=1):
+      if step == 6:  # SIGTERM arrives during step 6 (checkpoint 4 exists)
+        signal.raise_signal(signal.SIGTERM)
+      yield item
+
+  write_text = epath.Path.write_text
+
+  def write_or_fail(self, *args, **kwargs):
+    if f'{os.sep}checkpoints{os.sep}6.' in str(self):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    return write_text(self, *args, **kwargs)
+
+  monkeypatch.setattr(trainer, 'prefetch', prefetch_then_signal)
+  monkeypatch.setattr(epath.Path, 'write_text', write_or_fail)
+  with pytest.raises(checkpointing.CheckpointSaveError,
+                     match=r'cannot save checkpoint \S+/checkpoints/6: No '
+                     r'space left on device.*GiB free'):
+    trainer.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  log = (workdir / 'log.txt').read_text()
+  assert 'Saving checkpoint to' in log.split('iter: 000006')[1]
+  assert not PREEMPTED.search(log)  # no claim of a saved checkpoint
+  checkpointer = checkpointing.Checkpointer(str(workdir))
+  assert checkpointer.all_steps() == [4]
+  assert checkpointer.damage(4) is None
+  checkpointer.close()
