@@ -245,6 +245,23 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
   assert checkpointer.latest_step() == step
   assert checkpointer.damage(step) is None
   checkpointer.close()
+  # The rerun resumes from that step, and ends where one uninterrupted
+  # process with two devices (equal to two processes: the test above) ends.
+  reference = tmp_path / 'uninterrupted'
+  uninterrupted = _start(
+      'train.py', tiny_shapes_flags(data_root) + [
+          f'--workdir={reference}', '--config.solver.max_iter=40'],
+      _env(XLA_FLAGS='--xla_force_host_platform_device_count=2'))
   resumed = _finish(_two_processes('train.py', args, 'flags'))
+  _finish([uninterrupted])
   for output in resumed:
     assert f'Start training from iteration {step}' in output
+  log = (workdir / 'log.txt').read_text()
+  resumed_losses = _losses(log.split('Running with config:')[2])
+  assert sorted(resumed_losses) == list(range(step + 1, 41))
+  reference_losses = _losses((reference / 'log.txt').read_text())
+  assert resumed_losses == {i: reference_losses[i] for i in resumed_losses}
+  config = tiny_shapes_config(data_root)
+  for ours, theirs in zip(_params(workdir, 40, config),
+                          _params(reference, 40, config)):
+    np.testing.assert_array_equal(ours, theirs)
