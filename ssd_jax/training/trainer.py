@@ -110,13 +110,28 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
         if (config.eval_step > 0 and step % config.eval_step == 0 and
             step != max_iter):
           evaluator(state.variables, step)
-  finally:
-    checkpointer.wait()
+  except BaseException:
+    close_after_error(checkpointer, logger)
+    raise
+  checkpointer.wait()
   progress.summary(step - start_step, train_iter.stats.summary())
   evaluator(state.variables, step)
   checkpointer.close()
   writer.close()
   return state
+
+
+def close_after_error(checkpointer, logger):
+  """Ends the checkpoint writes in flight on the way out of an exception.
+
+  Closing joins Orbax's writer threads, so that none of them finishes a
+  failed save later; a failure of the save in flight is logged, not raised
+  over the exception on its way.
+  """
+  try:
+    checkpointer.close()
+  except checkpointing.CheckpointSaveError as e:
+    logger.error('%s', e)
 
 
 def save_checkpoint(checkpointer, config, state, step, logger):
