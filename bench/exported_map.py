@@ -45,9 +45,9 @@ def agreement(detections, reference):
   from ssd_jax.deploy import export  # pylint: disable=g-import-not-at-top
   matched = compared = 0
   for ours, theirs in zip(detections, reference):
-    packed = [tuple(np.asarray(x)[None] for x in (
-        d['boxes'], d['scores'], d['labels'].astype(np.float32),
-        [len(d['scores'])])) for d in (ours, theirs)]
+    packed = [(d['boxes'][None], d['scores'][None],
+               d['labels'][None].astype(np.float32),
+               np.array([len(d['scores'])])) for d in (ours, theirs)]
     m, c = export.int8_agreement(*packed)
     matched += m
     compared += c

@@ -3,7 +3,7 @@
     python export.py --workdir=W --format=onnx --output=ssd.onnx
     python export.py --workdir=W --format=saved_model --output=DIR
     python export.py --workdir=W --format=tflite --output=ssd.tflite \
-        [--quantize=none|float16]
+        [--quantize=none|float16|int8] [--calibration_dir=DIR]
     python export.py --workdir=W --format=stablehlo --output=ssd.shlo
 
 The exported function (`serving_function`), NMS inside (the default):
@@ -42,12 +42,25 @@ Formats:
                TopK.
   tflite       tf.lite.TFLiteConverter.experimental_from_jax (jax2tf's
                XlaCallModule is no TFLite op); the loop becomes a WHILE
-               subgraph. quantize='float16' stores the weights as float16.
+               subgraph; a 'serving_default' signature is added.
+               quantize='float16' stores the weights as float16.
+               quantize='int8': the float file is quantized afterwards by
+               ai-edge-quantizer: the ops of INT8_OPS inside the network
+               (named NETWORK_SCOPE while tracing) get static int8 weights
+               (per channel) and activations (per tensor), calibrated on
+               real images (`calibration_images`: --calibration_dir or the
+               config's first training set); the post-processing stays
+               float in the same file (the TFLite converter's own int8
+               path crashes on the NMS loop and top-k; see
+               docs/deployment.md).
 
 Every export runs the written artifact with its runtime on sample images and
 compares its detections with the JAX model's (`verify`) before returning;
 float16 weights with IoU >= 0.9 and scores within 0.02 (FLOAT16_TOLERANCES)
-for at least half of them (FLOAT16_MIN_AGREEMENT);
+for at least half of them (FLOAT16_MIN_AGREEMENT); int8 on calibration
+images (random ones say nothing about a quantized model): at least
+INT8_MIN_AGREEMENT of the JAX detections above 0.3 found with the same label
+and IoU >= 0.5 (`int8_agreement`);
 a disagreement raises VerificationError, a converter failure ExportError,
 each with a one-line message.
 """
