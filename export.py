@@ -4,6 +4,8 @@
   python export.py --workdir=W --format=saved_model --output=DIR
   python export.py --workdir=W --format=tflite --output=ssd.tflite \
       [--quantize=float16]
+  python export.py --workdir=W --format=tflite --output=ssd_int8.tflite \
+      --quantize=int8 [--calibration_dir=DIR]
   python export.py --workdir=W --format=stablehlo --output=ssd.stablehlo
 """
 
@@ -24,7 +26,13 @@ flags.DEFINE_string('output', None, 'Output file (onnx, tflite, stablehlo) or '
 flags.DEFINE_integer('batch_size', None, 'Fixed batch size (default: '
                      'symbolic; tflite: 1).')
 flags.DEFINE_enum('quantize', 'none', export_lib.QUANTIZATIONS,
-                  'TFLite weights: float32 (none) or float16.')
+                  'TFLite: float32 (none), float16 weights, or int8 (the '
+                  'network in int8, calibrated; NMS float).')
+flags.DEFINE_string('calibration_dir', None, '--quantize=int8: a folder of '
+                    'images to calibrate on (the first '
+                    f'{export_lib.CALIBRATION_IMAGES} by name; default: '
+                    f'{export_lib.CALIBRATION_IMAGES} images of the '
+                    "config's first training set).")
 flags.DEFINE_bool('raw_outputs', False, 'Export boxes and scores of every '
                   'prior (float32 images), without thresholds and NMS.')
 flags.DEFINE_bool('verify', True, 'Run the written artifact with its runtime '
@@ -42,8 +50,10 @@ def main(argv):
     summary = export_lib.export(
         model, config, FLAGS.format, FLAGS.output, FLAGS.batch_size,
         quantize=FLAGS.quantize, raw=FLAGS.raw_outputs,
-        verify_images=None if FLAGS.verify else False)
-  except (export_lib.ExportError, export_lib.VerificationError) as e:
+        verify_images=None if FLAGS.verify else False,
+        calibration_dir=FLAGS.calibration_dir)
+  except (export_lib.ExportError, export_lib.VerificationError,
+          ValueError) as e:
     print(f'export failed: {e}', file=sys.stderr)
     sys.exit(1)
   if summary:

@@ -181,6 +181,9 @@ def test_unknown_format(tiny_model, tmp_path):
   with pytest.raises(ValueError, match='unknown quantization'):
     export.export(model, config, 'tflite', str(tmp_path / 'x'),
                   quantize='int4')
+  with pytest.raises(ValueError, match='NMS only'):
+    export.export(model, config, 'tflite', str(tmp_path / 'x'),
+                  quantize='int8', raw=True)
 
 
 def test_converter_failure_is_one_line(tiny_model, tmp_path, monkeypatch):
@@ -287,3 +290,89 @@ def test_ssd300_export_reproduces_reference(tmp_path, fmt):
     outputs = run(images)
     for i in range(len(images)):
       _assert_reproduces_reference(outputs, ref, i, i)
+
+
+# int8 TFLite: the network quantized, calibrated on voc_tiny's JPEGs (real
+# images), the NMS float. A random tiny model's figure only checks the
+# mechanics; trained models' figures are in docs/deployment.md.
+
+
+@pytest.fixture(scope='module')
+def int8_export(tmp_path_factory):
+  pytest.importorskip('ai_edge_quantizer')
+  config = tiny.tiny_config()
+  model = models.create_model(config, nnx.Rngs(5))
+  path = str(tmp_path_factory.mktemp('int8') / 'ssd_int8.tflite')
+  summary = export.export(model, config, 'tflite', path, quantize='int8',
+                          calibration_dir=JPEGS)
+  return model, config, path, summary
+
+
+def test_int8_tflite_finds_the_jax_detections(int8_export):
+  model, config, path, summary = int8_export
+  print(summary)
+  assert 'tflite int8:' in summary and '10 calibration images' in summary
+  images = export.calibration_images(config, JPEGS)
+  assert images.shape == (10, 64, 64, 3) and images.dtype == np.uint8
+  run = export.load_runner('tflite', path)
+  outputs = [run(images[i:i + 1]) for i in range(len(images))]
+  outputs = tuple(np.concatenate(o) for o in zip(*outputs))
+  assert [o.dtype for o in outputs] == [np.float32] * 4
+  matched, compared = export.int8_agreement(
+      outputs, export.reference_outputs(model, config, images))
+  assert compared > 100
+  assert matched >= export.INT8_MIN_AGREEMENT * compared
+
+
+def test_int8_tflite_has_int8_convolutions(int8_export):
+  tf = pytest.importorskip('tensorflow')
+  _, _, path, _ = int8_export
+  interpreter = tf.lite.Interpreter(model_path=path)
+  assert list(interpreter.get_signature_list()['serving_default'][
+      'inputs']) == ['images']
+  tensors = interpreter.get_tensor_details()
+  # Conv kernels [O, H, W, I] in int8, one scale per output channel.
+  kernels = [t for t in tensors if len(t['shape']) == 4 and
+             t['dtype'] == np.int8 and
+             len(t['quantization_parameters']['scales']) == t['shape'][0] > 1]
+  convs = sum(isinstance(m, nnx.Conv) for _, m in nnx.iter_graph(
+      models.create_model(tiny.tiny_config(), nnx.Rngs(0))))
+  # Each feature map's class and box heads are one convolution.
+  assert len(kernels) == convs - 4
+  assert not [t for t in tensors if len(t['shape']) == 4 and
+              t['dtype'] == np.float32 and t['shape'][1:3].tolist() == [3, 3]
+              and t['shape'][0] > 3]  # no float 3x3 kernel left
+  [image_input] = interpreter.get_input_details()
+  assert image_input['dtype'] == np.uint8
+  assert [o['dtype'] for o in interpreter.get_output_details()] == [
+      np.float32] * 4
+
+
+def test_int8_bad_calibration_dir(tiny_model, tmp_path):
+  model, config = tiny_model
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'notes.txt').write_text('no images here')
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  (broken / 'a.jpg').write_bytes(b'not a jpeg')
+  for folder, message in ((tmp_path / 'missing', 'is not a folder'),
+                          (empty, 'holds no image'),
+                          (broken, 'a.jpg cannot be read')):
+    with pytest.raises(export.CalibrationError, match=message) as error:
+      export.export(model, config, 'tflite', str(tmp_path / 'x.tflite'),
+                    quantize='int8', calibration_dir=str(folder))
+    assert '\n' not in str(error.value)
+    assert isinstance(error.value, export.ExportError)
+  assert not (tmp_path / 'x.tflite').exists()
+
+
+def test_int8_default_calibration_is_the_training_set():
+  config = tiny.tiny_config()
+  config.data.voc_root = os.path.join(FIXTURES, 'voc_tiny')
+  config.data.train = ('voc_2007_trainval',)
+  images = export.calibration_images(config, count=3)
+  assert images.shape == (3, 64, 64, 3) and images.dtype == np.uint8
+  config.data.voc_root = os.path.join(FIXTURES, 'missing')
+  with pytest.raises(export.CalibrationError, match='--calibration_dir'):
+    export.calibration_images(config)

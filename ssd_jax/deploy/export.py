@@ -3,7 +3,7 @@
     python export.py --workdir=W --format=onnx --output=ssd.onnx
     python export.py --workdir=W --format=saved_model --output=DIR
     python export.py --workdir=W --format=tflite --output=ssd.tflite \
-        [--quantize=none|float16]
+        [--quantize=none|float16|int8] [--calibration_dir=DIR]
     python export.py --workdir=W --format=stablehlo --output=ssd.shlo
 
 The exported function (`serving_function`), NMS inside (the default):
@@ -42,12 +42,25 @@ Formats:
                TopK.
   tflite       tf.lite.TFLiteConverter.experimental_from_jax (jax2tf's
                XlaCallModule is no TFLite op); the loop becomes a WHILE
-               subgraph. quantize='float16' stores the weights as float16.
+               subgraph; a 'serving_default' signature is added.
+               quantize='float16' stores the weights as float16.
+               quantize='int8': the float file is quantized afterwards by
+               ai-edge-quantizer: the ops of INT8_OPS inside the network
+               (named NETWORK_SCOPE while tracing) get static int8 weights
+               (per channel) and activations (per tensor), calibrated on
+               real images (`calibration_images`: --calibration_dir or the
+               config's first training set); the post-processing stays
+               float in the same file (the TFLite converter's own int8
+               path crashes on the NMS loop and top-k; see
+               docs/deployment.md).
 
 Every export runs the written artifact with its runtime on sample images and
 compares its detections with the JAX model's (`verify`) before returning;
 float16 weights with IoU >= 0.9 and scores within 0.02 (FLOAT16_TOLERANCES)
-for at least half of them (FLOAT16_MIN_AGREEMENT);
+for at least half of them (FLOAT16_MIN_AGREEMENT); int8 on calibration
+images (random ones say nothing about a quantized model): at least
+INT8_MIN_AGREEMENT of the JAX detections above 0.3 found with the same label
+and IoU >= 0.5 (`int8_agreement`);
 a disagreement raises VerificationError, a converter failure ExportError,
 each with a one-line message.
 """
@@ -67,12 +80,13 @@ from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
 
 FORMATS = ('onnx', 'saved_model', 'tflite', 'stablehlo')
-QUANTIZATIONS = ('none', 'float16')
+QUANTIZATIONS = ('none', 'float16', 'int8')
 ONNX_OPSET = 18
 STABLEHLO_PLATFORMS = ('cpu', 'cuda', 'tpu')
 OUTPUT_NAMES = ('detection_boxes', 'detection_scores', 'detection_classes',
                 'num_detections')
 RAW_OUTPUT_NAMES = ('boxes', 'scores')
+NETWORK_SCOPE = 'ssd_network'
 # Verification of float formats: every detection scoring above VERIFY_SCORE
 # must have a partner with the same label, IoU >= VERIFY_IOU and a score
 # within VERIFY_SCORE_ATOL.
@@ -84,6 +98,23 @@ VERIFY_SCORE_ATOL = 1e-3
 # near-equal scores a few flips cascade through NMS).
 FLOAT16_TOLERANCES = (0.9, 0.02)
 FLOAT16_MIN_AGREEMENT = 0.5
+# int8: the network's ops of these kinds get int8 weights and activations
+# (ai-edge-quantizer, static ranges calibrated on real images). The rest of
+# the network (the L2Norm's sum, square root and division: int8 division by
+# a norm rounded to zero fails) and all of the post-processing stay float.
+INT8_OPS = ('CONV_2D', 'DEPTHWISE_CONV_2D', 'FULLY_CONNECTED', 'ADD', 'MUL',
+            'MAX_POOL_2D', 'AVERAGE_POOL_2D', 'PAD', 'RESHAPE', 'SLICE',
+            'CONCATENATION', 'HARD_SWISH', 'LOGISTIC', 'MEAN')
+CALIBRATION_IMAGES = 100  # the default calibration set's size
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+# int8 verification: the share of the JAX model's detections above
+# INT8_VERIFY_SCORE that the int8 file finds (same label, IoU >=
+# INT8_VERIFY_IOU), on INT8_VERIFY_IMAGES calibration images, must reach
+# INT8_MIN_AGREEMENT (docs/deployment.md: what trained models measure).
+INT8_VERIFY_SCORE = 0.3
+INT8_VERIFY_IOU = 0.5
+INT8_VERIFY_IMAGES = 16
+INT8_MIN_AGREEMENT = 0.8
 
 
 class ExportError(Exception):
@@ -92,6 +123,10 @@ class ExportError(Exception):
 
 class VerificationError(Exception):
   """The exported artifact disagrees with the JAX detector."""
+
+
+class CalibrationError(ExportError):
+  """The int8 calibration images cannot be read (one-line message)."""
 
 
 def output_names(raw=False):
@@ -124,7 +159,10 @@ def serving_function(model, config, raw=False, for_tf=False):
   size = config.input.image_size
 
   def fn(variables, images):
-    with kernels.step_kernels(cpu_kernels=False).scope():  # plain XLA
+    # The scope names the network's ops in converted graphs (int8 TFLite
+    # quantizes those only).
+    with kernels.step_kernels(cpu_kernels=False).scope(), jax.named_scope(
+        NETWORK_SCOPE):  # plain XLA
       cls_logits, bbox_pred = forward(variables, images)
     if raw:
       scores = jax.nn.softmax(cls_logits, axis=-1)
@@ -193,20 +231,168 @@ def to_saved_model(model, config, path, batch_size=None,
   tf.saved_model.save(module, path, signatures={'serving_default': serve})
 
 
-def to_tflite(model, config, batch_size=1, quantize='none', raw=False):
-  """The TFLite flatbuffer (bytes): input 'images', outputs in order."""
+def to_tflite(model, config, batch_size=1, quantize='none', raw=False,
+              calibration_images=None):
+  """The TFLite flatbuffer (bytes): input 'images', outputs in order.
+
+  The file has one signature, 'serving_default', naming the input and the
+  outputs (`interpreter.get_signature_runner()`).
+
+  Args:
+    model, config: the NNX SSD and its config.
+    batch_size: the file's fixed batch size (None: 1).
+    quantize: one of QUANTIZATIONS; 'int8' quantizes the network (INT8_OPS)
+      after conversion with ai-edge-quantizer, calibrated on
+      `calibration_images`, and leaves the post-processing float.
+    raw: the graph without NMS (module docstring); not with 'int8'.
+    calibration_images: int8 only: uint8 [N, S, S, 3] real images
+      (`calibration_images()`), N >= batch_size.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if quantize not in QUANTIZATIONS:
     raise ValueError(f'unknown quantization {quantize!r}; choose one of '
                      f'{", ".join(QUANTIZATIONS)}')
+  if quantize == 'int8' and raw:
+    raise ValueError('--quantize=int8 exports the graph with NMS only, not '
+                     '--raw_outputs')
   fn, variables = serving_function(model, config, raw)
-  example = np.zeros(_image_shape(config, batch_size or 1), input_dtype(raw))
+  batch_size = batch_size or 1
+  example = np.zeros(_image_shape(config, batch_size), input_dtype(raw))
   converter = tf.lite.TFLiteConverter.experimental_from_jax(
       [lambda images: fn(variables, images)], [[('images', example)]])
   if quantize == 'float16':
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
-  return converter.convert()
+  blob = _with_signature(converter.convert(), output_names(raw))
+  if quantize == 'int8':
+    blob = _quantize_network_int8(blob, calibration_images, batch_size)
+  return blob
+
+
+def _with_signature(blob, names):
+  """The flatbuffer with a 'serving_default' signature: images -> names."""
+  from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=g-import-not-at-top
+  from tensorflow.lite.tools import flatbuffer_utils  # pylint: disable=g-import-not-at-top
+  flat_model = flatbuffer_utils.read_model_from_bytearray(bytearray(blob))
+  main = flat_model.subgraphs[0]
+
+  def tensor_map(name, index):
+    entry = schema.TensorMapT()
+    entry.name, entry.tensorIndex = name.encode(), index
+    return entry
+
+  signature = schema.SignatureDefT()
+  signature.signatureKey = b'serving_default'
+  signature.subgraphIndex = 0
+  signature.inputs = [tensor_map('images', main.inputs[0])]
+  signature.outputs = [tensor_map(name, index)
+                       for name, index in zip(names, main.outputs)]
+  flat_model.signatureDefs = [signature]
+  return bytes(flatbuffer_utils.convert_object_to_bytearray(flat_model))
+
+
+def _quantize_network_int8(blob, images, batch_size):
+  """Static int8 quantization of the network's ops of a float flatbuffer.
+
+  Args:
+    blob: the float TFLite file of `to_tflite` (with its signature).
+    images: uint8 [N, S, S, 3] calibration images.
+    batch_size: the file's batch size; the images are fed in batches of it.
+
+  Returns:
+    The flatbuffer with int8 weights and activations for the ops of INT8_OPS
+    inside NETWORK_SCOPE; every other op as it was.
+  """
+  from ai_edge_quantizer import calibrator  # pylint: disable=g-import-not-at-top
+  from ai_edge_quantizer import quantizer  # pylint: disable=g-import-not-at-top
+  if images is None or len(images) < batch_size:
+    raise ValueError('--quantize=int8 needs at least batch_size calibration '
+                     'images')
+  images = np.asarray(images, np.uint8)
+  batches = [{'images': images[i:i + batch_size]}
+             for i in range(0, len(images) - batch_size + 1, batch_size)]
+  network_quantizer = quantizer.Quantizer(blob)
+  for op in INT8_OPS:
+    network_quantizer.add_static_config(
+        NETWORK_SCOPE, op, activation_num_bits=8, weight_num_bits=8)
+  # The profiler-based calibration records min/max inside the interpreter
+  # (the default mode reads every tensor back, which fails on the tensors of
+  # the NMS loop).
+  ranges = network_quantizer.calibrate(
+      {'serving_default': batches}, num_threads=len(os.sched_getaffinity(0)),
+      mode=calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED)
+  result = network_quantizer.quantize(ranges, enable_progress_bar=False,
+                                      enable_progress_report=False)
+  return bytes(result.quantized_model)
+
+
+def calibration_images(config, calibration_dir=None,
+                       count=CALIBRATION_IMAGES):
+  """Real images for int8 calibration, resized: uint8 [N, S, S, 3].
+
+  Args:
+    config: the experiment config (input.image_size; without
+      `calibration_dir`, data.train[0] and where its images are read).
+    calibration_dir: a folder of images (IMAGE_EXTENSIONS, sorted by name;
+      the first `count`); None: `count` images spread evenly over the
+      config's first training set.
+    count: the most images to use.
+
+  Raises:
+    CalibrationError: the folder is missing, holds no image, or an image in
+      it cannot be read (one line naming it).
+  """
+  size = int(config.input.image_size)
+  if calibration_dir is not None:
+    if not os.path.isdir(calibration_dir):
+      raise CalibrationError(
+          f'int8: --calibration_dir {calibration_dir} is not a folder')
+    names = sorted(n for n in os.listdir(calibration_dir)
+                   if n.lower().endswith(IMAGE_EXTENSIONS))[:count]
+    if not names:
+      raise CalibrationError(
+          f'int8: --calibration_dir {calibration_dir} holds no image '
+          f'({", ".join(IMAGE_EXTENSIONS)})')
+    sources = [os.path.join(calibration_dir, n) for n in names]
+  else:
+    sources = _training_images(config, count)
+  from ssd_jax.deploy import inference  # pylint: disable=g-import-not-at-top
+  images = []
+  for source in sources:
+    try:
+      image = inference.load_image(source)
+    except (OSError, ValueError) as e:
+      raise CalibrationError(
+          f'int8: calibration image {getattr(source, "name", source)} '
+          f'cannot be read ({type(e).__name__})') from e
+    images.append(inference.resize_for_model(image, size))
+  return np.stack(images)
+
+
+def _training_images(config, count):
+  """`count` image files (paths or file objects) of config.data.train[0]."""
+  import io  # pylint: disable=g-import-not-at-top
+  from ssd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  name = config.data.train[0]
+  try:
+    index = pipeline.load_index(config, name)
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    raise CalibrationError(
+        f'int8: cannot read the training set {name!r} for calibration; pass '
+        f'--calibration_dir ({type(e).__name__}: '
+        f'{str(e).splitlines()[0][:200]})') from e
+  if not len(index):  # pylint: disable=g-explicit-length-test
+    raise CalibrationError(f'int8: the training set {name!r} is empty; pass '
+                           '--calibration_dir')
+  picks = np.unique(np.linspace(0, len(index) - 1, count).round().astype(int))
+  if index.paths is not None:
+    return [index.paths[i] for i in picks]
+  files = []
+  for i in picks:
+    blob = io.BytesIO(index.blobs[i])
+    blob.name = f'{name}:{index.image_ids[i]}'
+    files.append(blob)
+  return files
 
 
 def _nhwc_max_pools_to_2d(onnx_model):
@@ -416,15 +602,66 @@ def compare_detections(outputs, expected, min_iou=VERIFY_IOU,
   return {'compared': compared, 'matched': matched}
 
 
+def int8_agreement(outputs, expected, min_score=INT8_VERIFY_SCORE,
+                   min_iou=INT8_VERIFY_IOU):
+  """How many of the JAX model's confident detections an int8 file finds.
+
+  Args:
+    outputs, expected: (detection_boxes, detection_scores,
+      detection_classes, num_detections) of the same images, the int8
+      file's and the JAX model's.
+
+  Returns:
+    (matched, compared): of the `compared` JAX detections above
+    `min_score`, `matched` have a partner in `outputs` (any score) with the
+    same label and IoU >= min_iou.
+  """
+  matched = compared = 0
+  for i in range(len(expected[0])):
+    per_image = []
+    for boxes, scores, classes, count in (outputs, expected):
+      n = int(count[i])
+      per_image.append((boxes[i, :n], scores[i, :n], classes[i, :n]))
+    m, c = _match_detections(per_image[0], per_image[1], min_score, min_iou,
+                             score_atol=None)
+    matched += m
+    compared += c
+  return matched, compared
+
+
+def _run_in_batches(run, images, batch_size):
+  """`run` over `images` in batches of batch_size, outputs concatenated."""
+  if batch_size is None or batch_size >= len(images):
+    return run(images)
+  parts = [run(images[i:i + batch_size])
+           for i in range(0, len(images) - batch_size + 1, batch_size)]
+  return tuple(np.concatenate(p) for p in zip(*parts))
+
+
 def verify(fmt, run, model, config, images, raw=False,
-           tolerances=(VERIFY_IOU, VERIFY_SCORE_ATOL), min_agreement=1.0):
+           tolerances=(VERIFY_IOU, VERIFY_SCORE_ATOL), min_agreement=1.0,
+           batch_size=None, quantize='none'):
   """Runs the artifact on `images`; raises VerificationError on disagreement.
+
+  Args:
+    fmt, run: the format and `load_runner`'s function for the artifact.
+    model, config: the JAX model it was exported from.
+    images: the verification images.
+    raw: the artifact is the raw graph.
+    tolerances, min_agreement: float formats: `compare_detections`' (min IoU,
+      score tolerance) and the least share of detections that must agree.
+    batch_size: the artifact's fixed batch (None: any); the images are run
+      in batches of it (a short rest is left out).
+    quantize: 'int8' checks `int8_agreement` against INT8_MIN_AGREEMENT
+      instead.
 
   Returns:
     A one-line summary of the figures.
   """
+  if batch_size is not None:
+    images = images[:len(images) - len(images) % batch_size]
   expected = reference_outputs(model, config, images, raw)
-  outputs = run(images)
+  outputs = _run_in_batches(run, images, batch_size)
   if len(outputs) != len(expected) or any(
       o.shape != e.shape for o, e in zip(outputs, expected)):
     raise VerificationError(
@@ -435,6 +672,20 @@ def verify(fmt, run, model, config, images, raw=False,
     summary = f'{fmt}: raw outputs within {diff:.2e} of JAX'
     if diff > 1e-3:
       raise VerificationError(summary + ' (more than 1e-3)')
+    return summary
+  if quantize == 'int8':
+    matched, compared = int8_agreement(outputs, expected)
+    share = matched / max(compared, 1)
+    summary = (f'{fmt} int8: {matched}/{compared} ({share:.1%}) of the JAX '
+               f'detections above {INT8_VERIFY_SCORE} found on '
+               f'{len(images)} calibration images (label equal, IoU >= '
+               f'{INT8_VERIFY_IOU}; floor {INT8_MIN_AGREEMENT:.0%})')
+    if not compared:
+      raise VerificationError(
+          summary + ': nothing to compare (an untrained model, or images '
+          'unlike its training set?)')
+    if share < INT8_MIN_AGREEMENT:
+      raise VerificationError(summary)
     return summary
   min_iou, score_atol = tolerances
   figures = compare_detections(outputs, expected, min_iou, score_atol)
@@ -467,7 +718,8 @@ def _converter_failure(fmt, error):
 
 
 def export(model, config, fmt, output, batch_size=None, *, quantize='none',
-           raw=False, verify_images=None):
+           raw=False, verify_images=None, calibration_dir=None,
+           calibration=None):
   """Writes `model` in format `fmt` (one of FORMATS) to `output`, verified.
 
   Args:
@@ -478,13 +730,19 @@ def export(model, config, fmt, output, batch_size=None, *, quantize='none',
     quantize: tflite only, one of QUANTIZATIONS.
     raw: the graph without NMS (module docstring).
     verify_images: uint8 [B, S, S, 3] images for the self-check (default
-      `sample_images`); False skips it.
+      `sample_images`; int8: the first INT8_VERIFY_IMAGES calibration
+      images); False skips it.
+    calibration_dir: int8: the folder of calibration images (None: the
+      config's first training set; `calibration_images`).
+    calibration: int8: uint8 [N, S, S, 3] calibration images, instead of
+      reading `calibration_dir`.
 
   Returns:
     The verification summary (None when skipped).
 
   Raises:
-    ExportError: the converter failed (one-line message).
+    ExportError: the converter failed (one-line message); CalibrationError
+      (a subclass): the calibration images cannot be read.
     VerificationError: the artifact disagrees with the JAX model.
   """
   if fmt not in FORMATS:
@@ -497,13 +755,18 @@ def export(model, config, fmt, output, batch_size=None, *, quantize='none',
                      f'{", ".join(QUANTIZATIONS)}')
   if quantize != 'none' and fmt != 'tflite':
     raise ValueError(f'--quantize={quantize} is for --format=tflite only')
+  if quantize == 'int8' and raw:
+    raise ValueError('--quantize=int8 exports the graph with NMS only, not '
+                     '--raw_outputs')
+  if quantize == 'int8' and calibration is None:
+    calibration = calibration_images(config, calibration_dir)
   parent = os.path.dirname(os.path.abspath(output))
   os.makedirs(parent, exist_ok=True)
   try:
     if fmt == 'stablehlo':
       blob = to_stablehlo(model, config, batch_size, raw=raw).serialize()
     elif fmt == 'tflite':
-      blob = to_tflite(model, config, batch_size, quantize, raw)
+      blob = to_tflite(model, config, batch_size, quantize, raw, calibration)
     elif fmt == 'onnx':
       blob = to_onnx(model, config, batch_size, raw=raw).SerializeToString()
   except Exception as e:  # pylint: disable=broad-exception-caught
@@ -521,17 +784,23 @@ def export(model, config, fmt, output, batch_size=None, *, quantize='none',
   summary = None
   try:
     if verify_images is not False:
-      images = (sample_images(config, batch_size or 2)
-                if verify_images is None else np.asarray(verify_images))
-      if batch_size is not None or fmt == 'tflite':
-        images = images[:batch_size or 1]
+      if quantize == 'int8':  # real images: random ones say nothing here
+        images = (calibration[:INT8_VERIFY_IMAGES] if verify_images is None
+                  else np.asarray(verify_images))
+      else:
+        images = (sample_images(config, batch_size or 2)
+                  if verify_images is None else np.asarray(verify_images))
+        if batch_size is not None or fmt == 'tflite':
+          images = images[:batch_size or 1]
       if raw:
         images = images.astype(np.float32)
       tolerances = (FLOAT16_TOLERANCES if quantize == 'float16' else
                     (VERIFY_IOU, VERIFY_SCORE_ATOL))
       summary = verify(fmt, load_runner(fmt, staging), model, config, images,
                        raw, tolerances,
-                       FLOAT16_MIN_AGREEMENT if quantize == 'float16' else 1.0)
+                       FLOAT16_MIN_AGREEMENT if quantize == 'float16' else 1.0,
+                       batch_size=(batch_size or 1) if fmt == 'tflite' else
+                       batch_size, quantize=quantize)
   except Exception:
     _remove(staging)
     raise
