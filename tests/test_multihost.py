@@ -8,10 +8,12 @@ collectives), so logged losses, parameters and evaluations agree to the bit.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -21,6 +23,7 @@ from flax import nnx
 from ssd_jax import models
 from ssd_jax.training import checkpointing
 from ssd_jax.training import launch
+from ssd_jax.training import preemption
 from tests.tiny import tiny_shapes_config
 from tests.tiny import tiny_shapes_flags
 
@@ -28,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS = re.compile(r'SSD\.trainer INFO: iter: (\d{6}), lr: \S+ total_loss: '
                   r'(\d+\.\d{3})')
 TIMEOUT = 600
+MAX_ITER = 24
 
 
 def _free_port():
@@ -37,8 +41,11 @@ def _free_port():
 
 
 def _env(**extra):
+  # The test run's compilation cache (tests/conftest.py) is kept.
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith('JAX_') and k != 'XLA_FLAGS'}
+         if not (k.startswith('JAX_') or k == 'XLA_FLAGS') or
+         k in ('JAX_COMPILATION_CACHE_DIR',
+               'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')}
   env.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **extra)
   return env
 
@@ -108,65 +115,101 @@ def _evaluations(workdir):
           for name in sorted(os.listdir(folder))}
 
 
-def test_two_processes_train_resume_and_evaluate_like_one(tmp_path):
+def _wait_for_line(path, text, processes):
+  deadline = time.time() + TIMEOUT
+  while not (path.exists() and text in path.read_text()):
+    assert time.time() < deadline, f'{text!r} not in {path}'
+    assert all(p.poll() is None for p in processes), 'a run ended early'
+    time.sleep(0.01)
+
+
+def _stopped(processes):
+  """Waits for preempted processes; their outputs."""
+  outputs = []
+  try:
+    for process in processes:
+      process.wait(timeout=TIMEOUT)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
+  for process in processes:
+    process.output.seek(0)
+    outputs.append(process.output.read())
+    process.output.close()
+    assert process.returncode == preemption.PREEMPTED_EXIT_CODE, (
+        outputs[-1][-3000:])
+  return outputs
+
+
+def test_two_processes_preempted_resumed_and_evaluated_like_one(tmp_path):
+  """Two processes, stopped by a SIGTERM to one of them and resumed, train
+  and evaluate exactly as one uninterrupted process with two devices."""
   data_root = tmp_path / 'shapes'
-  # max_per_image: enough detections after six steps for a non-zero mAP.
+  # max_per_image: enough detections after a few steps for a non-zero mAP.
   common = tiny_shapes_flags(data_root) + [
-      '--config.save_step=3', '--config.eval_step=3',
+      f'--config.solver.max_iter={MAX_ITER}', '--config.save_step=3',
       '--config.test.max_per_image=1000']
   one, two = tmp_path / 'one', tmp_path / 'two'
-  two_devices = _env(XLA_FLAGS='--xla_force_host_platform_device_count=2')
 
   # The shapes data first, so that the concurrent runs below find it.
   from ssd_jax.data import shapes  # pylint: disable=g-import-not-at-top
   shapes.ensure_dataset(
       str(data_root),
       **tiny_shapes_config(data_root).data.synthetic_shapes.to_dict())
-  # One process with two CPU devices: six steps, evaluations at 3 and 6.
-  # Alongside: two processes with one CPU device each, three steps started
-  # as the README says (environment + --distributed) ...
-  single = _start('train.py', common + [f'--workdir={one}',
-                                        '--config.solver.max_iter=6'],
-                  two_devices)
-  first = _finish(_two_processes(
-      'train.py', common + [f'--workdir={two}', '--config.solver.max_iter=3'],
-      'env'))
-  # ... then resumed to six with the flags.
-  second = _finish(_two_processes(
-      'train.py', common + [f'--workdir={two}', '--config.solver.max_iter=6'],
-      'flags'))
+  # One process with two CPU devices, uninterrupted. Alongside: two
+  # processes with one CPU device each, started as the README says
+  # (environment + --distributed); SIGTERM to the one not writing the log.
+  single = _start('train.py', common + [f'--workdir={one}'],
+                  _env(XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  pair = _two_processes('train.py', common + [f'--workdir={two}'], 'env')
+  _wait_for_line(two / 'log.txt', 'iter: 000003', pair)
+  pair[1].send_signal(signal.SIGTERM)
+  first = _stopped(pair)
+  stops = [re.findall(r'preempted at iteration (\d+): checkpoint saved', o)
+           for o in first]
+  assert len(stops[0]) == 1 and stops[0] == stops[1], stops
+  step = int(stops[0][0])
+  assert 3 <= step < MAX_ITER
+  checkpointer = checkpointing.Checkpointer(str(two))
+  assert checkpointer.latest_step() == step
+  assert checkpointer.damage(step) is None
+  checkpointer.close()
+  # The same command, with the flags instead of the environment, resumes.
+  second = _finish(_two_processes('train.py', common + [f'--workdir={two}'],
+                                  'flags'))
   _finish([single])
 
   for output in first + second:
     assert 'Devices: 2 x cpu on 2 host(s)' in output, output[-3000:]
-  for output in second:  # both processes resumed from step 3
+  for output in second:  # both processes resumed from the step in flight
     assert 'Loading checkpoint from' in output, output[-3000:]
-    assert 'Start training from iteration 3' in output
-
+    assert f'Start training from iteration {step}' in output
   one_log = (one / 'log.txt').read_text()
   two_log = (two / 'log.txt').read_text()
   assert 'Devices: 2 x cpu on 1 host(s)' in one_log
   assert two_log.count('Running with config:') == 2  # one log, two runs
   assert _losses(one_log) == _losses(two_log)
-  assert sorted(_losses(two_log)) == list(range(1, 7))
+  assert sorted(_losses(two_log)) == list(range(1, MAX_ITER + 1))
+  assert sorted(_losses(two_log.split('Running with config:')[2])) == list(
+      range(step + 1, MAX_ITER + 1))
 
   config = tiny_shapes_config(data_root)
-  for step in (3, 6):
-    for ours, theirs in zip(_params(two, step, config),
-                            _params(one, step, config)):
-      np.testing.assert_array_equal(ours, theirs)
-  assert checkpointing.Checkpointer(str(two)).all_steps() == [3, 6]
+  for ours, theirs in zip(_params(two, MAX_ITER, config),
+                          _params(one, MAX_ITER, config)):
+    np.testing.assert_array_equal(ours, theirs)
   assert sorted(os.listdir(two)) == sorted(os.listdir(one))
 
-  # Every host evaluated its share; process 0 wrote one JSON per evaluation.
+  # Every host evaluated its share; process 0 wrote the JSON.
   evaluations = _evaluations(two)
-  assert list(evaluations) == ['voc_2007_test_3.json', 'voc_2007_test_6.json']
+  assert list(evaluations) == [f'voc_2007_test_{MAX_ITER}.json']
   assert evaluations == _evaluations(one)
-  assert evaluations['voc_2007_test_6.json']['map'] > 0
+  assert evaluations[f'voc_2007_test_{MAX_ITER}.json']['map'] > 0
   assert 'voc_2007_test: skipped 0 of 8 examples' in two_log
 
   # eval.py on two hosts gives the same evaluation.
-  os.remove(two / 'eval' / 'voc_2007_test_6.json')
+  os.remove(two / 'eval' / f'voc_2007_test_{MAX_ITER}.json')
   outputs = _finish(_two_processes('eval.py', [f'--workdir={two}'], 'flags'))
   assert 'mAP: ' in outputs[0] and 'mAP: ' not in outputs[1]
   assert _evaluations(two) == evaluations
@@ -202,66 +245,3 @@ def test_settings_come_from_flags_then_environment(monkeypatch):
   assert calls == [
       dict(coordinator_address='h:1', num_processes=4, process_id=1),
       dict(coordinator_address=None, num_processes=None, process_id=None)]
-
-
-def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
-  import signal  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  from ssd_jax.training import preemption  # pylint: disable=g-import-not-at-top
-  data_root, workdir = tmp_path / 'shapes', tmp_path / 'run'
-  from ssd_jax.data import shapes  # pylint: disable=g-import-not-at-top
-  shapes.ensure_dataset(
-      str(data_root),
-      **tiny_shapes_config(data_root).data.synthetic_shapes.to_dict())
-  args = tiny_shapes_flags(data_root) + [f'--workdir={workdir}',
-                                         '--config.solver.max_iter=40']
-  processes = _two_processes('train.py', args, 'flags')
-  try:
-    deadline = time.time() + TIMEOUT
-    log = workdir / 'log.txt'
-    while not (log.exists() and 'iter: 000003' in log.read_text()):
-      assert time.time() < deadline and processes[0].poll() is None
-      time.sleep(0.01)
-    processes[1].send_signal(signal.SIGTERM)  # not the one writing the log
-    for process in processes:
-      process.wait(timeout=TIMEOUT)
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-        process.wait()
-  outputs = []
-  for process in processes:
-    process.output.seek(0)
-    outputs.append(process.output.read())
-    assert process.returncode == preemption.PREEMPTED_EXIT_CODE, (
-        outputs[-1][-3000:])
-  stops = [re.findall(r'preempted at iteration (\d+): checkpoint saved', o)
-           for o in outputs]
-  assert len(stops[0]) == 1 and stops[0] == stops[1], stops
-  step = int(stops[0][0])
-  assert 3 <= step < 40
-  checkpointer = checkpointing.Checkpointer(str(workdir))
-  assert checkpointer.latest_step() == step
-  assert checkpointer.damage(step) is None
-  checkpointer.close()
-  # The rerun resumes from that step, and ends where one uninterrupted
-  # process with two devices (equal to two processes: the test above) ends.
-  reference = tmp_path / 'uninterrupted'
-  uninterrupted = _start(
-      'train.py', tiny_shapes_flags(data_root) + [
-          f'--workdir={reference}', '--config.solver.max_iter=40'],
-      _env(XLA_FLAGS='--xla_force_host_platform_device_count=2'))
-  resumed = _finish(_two_processes('train.py', args, 'flags'))
-  _finish([uninterrupted])
-  for output in resumed:
-    assert f'Start training from iteration {step}' in output
-  log = (workdir / 'log.txt').read_text()
-  resumed_losses = _losses(log.split('Running with config:')[2])
-  assert sorted(resumed_losses) == list(range(step + 1, 41))
-  reference_losses = _losses((reference / 'log.txt').read_text())
-  assert resumed_losses == {i: reference_losses[i] for i in resumed_losses}
-  config = tiny_shapes_config(data_root)
-  for ours, theirs in zip(_params(workdir, 40, config),
-                          _params(reference, 40, config)):
-    np.testing.assert_array_equal(ours, theirs)
