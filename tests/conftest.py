@@ -47,3 +47,22 @@ def ssd512_config():
   config = ssd512_voc.get_config()
   config.model.backbone.pretrained = ''
   return config
+
+
+@pytest.fixture(scope='session')
+def tiny_shapes_root(tmp_path_factory):
+  """Where the tiny shapes dataset (tests/tiny.py) is generated."""
+  return tmp_path_factory.mktemp('shapes')
+
+
+@pytest.fixture(scope='session')
+def uninterrupted_tiny_run(tiny_shapes_root, tmp_path_factory):
+  """(config, workdir) of a tiny shapes run of 44 iterations in this process,
+  never interrupted: the reference of the resume and preemption tests."""
+  from ssd_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  from tests.tiny import tiny_shapes_config  # pylint: disable=g-import-not-at-top
+  config = tiny_shapes_config(tiny_shapes_root)
+  config.solver.max_iter = 44
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  trainer.train_and_evaluate(config, str(workdir))
+  return config, workdir

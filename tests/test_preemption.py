@@ -48,12 +48,12 @@ def test_stop_requests_only_set_a_flag_and_restore_the_handlers():
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_sigterm_saves_the_step_in_flight_and_resumes_exactly(tmp_path):
-  data_root = tmp_path / 'shapes'
-  config = tiny_shapes_config(data_root)
-  config.solver.max_iter = MAX_ITER
-  reference_dir = tmp_path / 'uninterrupted'
-  trainer.train_and_evaluate(config, str(reference_dir))
+def test_sigterm_saves_the_step_in_flight_and_resumes_exactly(
+    uninterrupted_tiny_run, tiny_shapes_root, tmp_path):
+  # The reference ran to 44 (conftest); its first 40 iterations are those of
+  # a run to 40 (the schedule does not depend on max_iter).
+  config, reference_dir = uninterrupted_tiny_run
+  data_root = tiny_shapes_root
 
   workdir = tmp_path / 'preempted'
   args = [sys.executable, 'train.py', f'--workdir={workdir}'] + (

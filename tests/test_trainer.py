@@ -28,8 +28,8 @@ LINE = re.compile(
 
 
 @pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-  return tmp_path_factory.mktemp('shapes')
+def data_root(tiny_shapes_root):
+  return tiny_shapes_root
 
 
 def _losses(log_text):
@@ -46,13 +46,8 @@ def _params(workdir, step, config):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(data_root, tmp_path_factory):
-  """A run of 44 iterations, never interrupted."""
-  config = tiny_shapes_config(data_root)
-  config.solver.max_iter = 44
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  trainer.train_and_evaluate(config, str(workdir))
-  return config, workdir
+def uninterrupted(uninterrupted_tiny_run):
+  return uninterrupted_tiny_run
 
 
 def test_log_checkpoints_and_evaluation(uninterrupted):
