@@ -75,6 +75,7 @@ import numpy as np
 from ssd_jax.core import box_ops
 from ssd_jax.core import detect as detect_lib
 from ssd_jax.core import priors as priors_lib
+from ssd_jax.deploy import tflite_nms
 from ssd_jax.runtime import kernels
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
@@ -153,17 +154,12 @@ def serving_function(model, config, raw=False, for_tf=False):
     traceable, and `variables`, the model's arrays (the ModelVariables) to
     pass to it.
   """
-  model_def, variables = variables_lib.model_variables(model)
+  network, variables = _network(model, config)
   priors = np.asarray(priors_lib.generate_priors(config), np.float32)
-  forward = predict_lib.pixels_to_outputs(model_def, config)
   size = config.input.image_size
 
   def fn(variables, images):
-    # The scope names the network's ops in converted graphs (int8 TFLite
-    # quantizes those only).
-    with kernels.step_kernels(cpu_kernels=False).scope(), jax.named_scope(
-        NETWORK_SCOPE):  # plain XLA
-      cls_logits, bbox_pred = forward(variables, images)
+    cls_logits, bbox_pred = network(variables, images)
     if raw:
       scores = jax.nn.softmax(cls_logits, axis=-1)
       boxes = box_ops.center_to_corner(box_ops.decode(
@@ -180,6 +176,25 @@ def serving_function(model, config, raw=False, for_tf=False):
             detections.num_detections.astype(jnp.float32))
 
   return fn, variables
+
+
+def _network(model, config):
+  """(fn(variables, images) -> (cls_logits, bbox_pred), variables).
+
+  images: [B, S, S, 3] RGB pixel values (any dtype; the mean subtraction
+  is inside); cls_logits [B, P, C], bbox_pred [B, P, 4] (dx, dy, dw, dh).
+  Traced with plain XLA convolutions, its ops named NETWORK_SCOPE (int8
+  TFLite quantizes those only).
+  """
+  model_def, variables = variables_lib.model_variables(model)
+  forward = predict_lib.pixels_to_outputs(model_def, config)
+
+  def network(variables, images):
+    with kernels.step_kernels(cpu_kernels=False).scope(), jax.named_scope(
+        NETWORK_SCOPE):  # plain XLA
+      return forward(variables, images)
+
+  return network, variables
 
 
 def _image_shape(config, batch_size):
@@ -255,17 +270,28 @@ def to_tflite(model, config, batch_size=1, quantize='none', raw=False,
   if quantize == 'int8' and raw:
     raise ValueError('--quantize=int8 exports the graph with NMS only, not '
                      '--raw_outputs')
-  fn, variables = serving_function(model, config, raw)
   batch_size = batch_size or 1
+  if raw:
+    fn, variables = serving_function(model, config, raw)
+    names = RAW_OUTPUT_NAMES
+  else:  # the network; TFLite's detection op is appended below
+    network, variables = _network(model, config)
+    fn = tflite_nms.pre_nms_function(network, config, batch_size)
+    names = [f'{name}_{i}' for i in range(batch_size)
+             for name in ('box_encodings', 'class_scores')]
   example = np.zeros(_image_shape(config, batch_size), input_dtype(raw))
   converter = tf.lite.TFLiteConverter.experimental_from_jax(
       [lambda images: fn(variables, images)], [[('images', example)]])
   if quantize == 'float16':
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
-  blob = _with_signature(converter.convert(), output_names(raw))
+  blob = _with_signature(converter.convert(), names)
   if quantize == 'int8':
     blob = _quantize_network_int8(blob, calibration_images, batch_size)
+  if not raw:
+    blob = _with_signature(
+        tflite_nms.append_post_process(blob, config, batch_size),
+        OUTPUT_NAMES)
   return blob
 
 
