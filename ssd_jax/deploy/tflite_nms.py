@@ -62,7 +62,10 @@ def pre_nms_function(forward, config, batch_size):
     scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)
     if per_class < scores.shape[1]:
       by_class = jnp.swapaxes(scores, 1, 2)  # [B, C, P]
-      kth = jax.lax.top_k(by_class, per_class)[0][..., -1]  # [B, C]
+      # The k-th best score gathered by its index: the converter (TF 2.21)
+      # turns a top-k whose indices go unused into a sort it cannot write.
+      _, best = jax.lax.top_k(by_class, per_class)
+      kth = jnp.take_along_axis(by_class, best[..., -1:], axis=-1)[..., 0]
       scores = jnp.where(scores >= kth[:, None, :], scores, 0.0)
     encodings = bbox_pred.astype(jnp.float32)[..., jnp.array([1, 0, 3, 2])]
     outputs = []
