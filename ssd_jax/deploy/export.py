@@ -19,7 +19,8 @@ The exported function (`serving_function`), NMS inside (the default):
 N = test.max_per_image; the TF Object Detection API's convention. The
 post-processing is `core.detect.detect` (the reference's thresholds, per-class
 top-k, greedy NMS, top-N) with `exact_ties=False` (equal scores ordered by
-class, then prior: a plain top-k instead of a three-key sort).
+class, then prior: a plain top-k instead of a three-key sort). TFLite runs
+the same rule in TFLite's TFLite_Detection_PostProcess op (`tflite_nms`).
 
 With `raw=True` (`--raw_outputs`) the graph stops before thresholding:
   images  float32 [B, S, S, 3] RGB 0..255 -> boxes float32 [B, P, 4] (every
@@ -41,18 +42,24 @@ Formats:
   onnx         jax2onnx (opset 18); the NMS loop becomes an ONNX Loop, top-k
                TopK.
   tflite       tf.lite.TFLiteConverter.experimental_from_jax (jax2tf's
-               XlaCallModule is no TFLite op); the loop becomes a WHILE
-               subgraph; a 'serving_default' signature is added.
+               XlaCallModule is no TFLite op) converts the network, the
+               softmax and the per-class candidate cut only; the NMS is
+               TFLite's own custom op TFLite_Detection_PostProcess
+               (regular, per-class NMS; in the builtin op resolver of
+               TensorFlow's interpreter), appended to the flatbuffer with
+               the ops that shift its classes to label ids, one op per image
+               of the fixed batch (`tflite_nms`: the same rule as
+               core.detect). A 'serving_default' signature is added.
                quantize='float16' stores the weights as float16.
-               quantize='int8': the float file is quantized afterwards by
-               ai-edge-quantizer: the ops of INT8_OPS inside the network
-               (named NETWORK_SCOPE while tracing) get static int8 weights
-               (per channel) and activations (per tensor), calibrated on
-               real images (`calibration_images`: --calibration_dir or the
-               config's first training set); the post-processing stays
+               quantize='int8': the network's file is quantized by
+               ai-edge-quantizer before the op is appended: the ops of
+               INT8_OPS inside the network (named NETWORK_SCOPE while
+               tracing) get static int8 weights (per channel) and
+               activations (per tensor), calibrated on real images
+               (`calibration_images`: --calibration_dir or the config's
+               first training set); the softmax, the cut and the op stay
                float in the same file (the TFLite converter's own int8
-               path crashes on the NMS loop and top-k; see
-               docs/deployment.md).
+               path crashes; see docs/deployment.md).
 
 Every export runs the written artifact with its runtime on sample images and
 compares its detections with the JAX model's (`verify`) before returning;
@@ -250,6 +257,10 @@ def to_tflite(model, config, batch_size=1, quantize='none', raw=False,
               calibration_images=None):
   """The TFLite flatbuffer (bytes): input 'images', outputs in order.
 
+  With NMS: the converted network's per-image box encodings and scores
+  (`tflite_nms.pre_nms_function`), then TFLite_Detection_PostProcess
+  (`tflite_nms.append_post_process`).
+
   The file has one signature, 'serving_default', naming the input and the
   outputs (`interpreter.get_signature_runner()`).
 
@@ -258,7 +269,8 @@ def to_tflite(model, config, batch_size=1, quantize='none', raw=False,
     batch_size: the file's fixed batch size (None: 1).
     quantize: one of QUANTIZATIONS; 'int8' quantizes the network (INT8_OPS)
       after conversion with ai-edge-quantizer, calibrated on
-      `calibration_images`, and leaves the post-processing float.
+      `calibration_images`, and leaves the post-processing float (the
+      detection op is appended after quantization).
     raw: the graph without NMS (module docstring); not with 'int8'.
     calibration_images: int8 only: uint8 [N, S, S, 3] real images
       (`calibration_images()`), N >= batch_size.
@@ -321,7 +333,8 @@ def _quantize_network_int8(blob, images, batch_size):
   """Static int8 quantization of the network's ops of a float flatbuffer.
 
   Args:
-    blob: the float TFLite file of `to_tflite` (with its signature).
+    blob: the float TFLite file of `to_tflite`'s network, before the
+      detection op (with its signature).
     images: uint8 [N, S, S, 3] calibration images.
     batch_size: the file's batch size; the images are fed in batches of it.
 
@@ -342,8 +355,8 @@ def _quantize_network_int8(blob, images, batch_size):
     network_quantizer.add_static_config(
         NETWORK_SCOPE, op, activation_num_bits=8, weight_num_bits=8)
   # The profiler-based calibration records min/max inside the interpreter
-  # (the default mode reads every tensor back, which fails on the tensors of
-  # the NMS loop).
+  # (the default mode reads every tensor back; it failed on the tensors of
+  # the NMS WHILE loop the file had before the detection op replaced it).
   ranges = network_quantizer.calibrate(
       {'serving_default': batches}, num_threads=len(os.sched_getaffinity(0)),
       mode=calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED)
