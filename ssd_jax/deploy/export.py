@@ -82,6 +82,7 @@ import numpy as np
 from ssd_jax.core import box_ops
 from ssd_jax.core import detect as detect_lib
 from ssd_jax.core import priors as priors_lib
+from ssd_jax.deploy import onnx_nms
 from ssd_jax.deploy import tflite_nms
 from ssd_jax.runtime import kernels
 from ssd_jax.runtime import predict as predict_lib
@@ -503,7 +504,14 @@ def to_onnx(model, config, batch_size=None, opset=ONNX_OPSET, raw=False):
   """An onnx.ModelProto: input 'images', outputs `output_names(raw)`."""
   import jax2onnx  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
-  fn, variables = serving_function(model, config, raw)
+  priors = np.asarray(priors_lib.generate_priors(config), np.float32)
+  if raw:
+    fn, variables = serving_function(model, config, raw)
+    names = list(RAW_OUTPUT_NAMES)
+  else:  # the network; ONNX's NonMaxSuppression is appended below
+    network, variables = _network(model, config)
+    fn = onnx_nms.pre_nms_function(network, config, priors)
+    names = [onnx_nms.BOXES, onnx_nms.SCORES]
   shape = _image_shape(config, batch_size)
   if batch_size is None:
     shape = ('batch',) + shape[1:]
@@ -511,8 +519,11 @@ def to_onnx(model, config, batch_size=None, opset=ONNX_OPSET, raw=False):
       lambda images: fn(variables, images),
       [jax.ShapeDtypeStruct(shape, input_dtype(raw))],
       model_name='ssd_jax', opset=opset, input_names=['images'],
-      output_names=list(output_names(raw)))
+      output_names=names)
   onnx_model = _nhwc_max_pools_to_2d(onnx_model)
+  if not raw:
+    onnx_model = onnx_nms.append_detections(onnx_model, config, len(priors),
+                                            OUTPUT_NAMES)
   onnx.checker.check_model(onnx_model)
   return onnx_model
 

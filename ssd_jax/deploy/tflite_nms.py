@@ -35,6 +35,7 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
+from ssd_jax.core import detect as detect_lib
 from ssd_jax.core import priors as priors_lib
 
 CUSTOM_OP = 'TFLite_Detection_PostProcess'
@@ -60,13 +61,8 @@ def pre_nms_function(forward, config, batch_size):
   def fn(variables, images):
     cls_logits, bbox_pred = forward(variables, images)
     scores = jax.nn.softmax(cls_logits.astype(jnp.float32), axis=-1)
-    if per_class < scores.shape[1]:
-      by_class = jnp.swapaxes(scores, 1, 2)  # [B, C, P]
-      # The k-th best score gathered by its index: the converter (TF 2.21)
-      # turns a top-k whose indices go unused into a sort it cannot write.
-      _, best = jax.lax.top_k(by_class, per_class)
-      kth = jnp.take_along_axis(by_class, best[..., -1:], axis=-1)[..., 0]
-      scores = jnp.where(scores >= kth[:, None, :], scores, 0.0)
+    scores = jnp.swapaxes(detect_lib.keep_top_candidates(
+        jnp.swapaxes(scores, 1, 2), per_class), 1, 2)
     encodings = bbox_pred.astype(jnp.float32)[..., jnp.array([1, 0, 3, 2])]
     outputs = []
     for i in range(batch_size):
