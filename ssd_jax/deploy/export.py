@@ -20,7 +20,8 @@ N = test.max_per_image; the TF Object Detection API's convention. The
 post-processing is `core.detect.detect` (the reference's thresholds, per-class
 top-k, greedy NMS, top-N) with `exact_ties=False` (equal scores ordered by
 class, then prior: a plain top-k instead of a three-key sort). TFLite runs
-the same rule in TFLite's TFLite_Detection_PostProcess op (`tflite_nms`).
+the same rule in TFLite's TFLite_Detection_PostProcess op (`tflite_nms`),
+ONNX in NonMaxSuppression (`onnx_nms`).
 
 With `raw=True` (`--raw_outputs`) the graph stops before thresholding:
   images  float32 [B, S, S, 3] RGB 0..255 -> boxes float32 [B, P, 4] (every
@@ -39,8 +40,11 @@ Formats:
   saved_model  jax2tf (the StableHLO inside an XlaCallModule op; parameters as
                tf.Variables); signature 'serving_default'. Loads with
                TF >= 2.15 on CPU or GPU.
-  onnx         jax2onnx (opset 18); the NMS loop becomes an ONNX Loop, top-k
-               TopK.
+  onnx         jax2onnx (opset 18) converts the network, the softmax, the
+               decoding and the per-class candidate cut; the NMS is ONNX's
+               NonMaxSuppression (per image and class), then GatherND,
+               ScatterND and TopK to the best N, appended with onnx.helper
+               (`onnx_nms`: the same rule as core.detect); any batch.
   tflite       tf.lite.TFLiteConverter.experimental_from_jax (jax2tf's
                XlaCallModule is no TFLite op) converts the network, the
                softmax and the per-class candidate cut only; the NMS is
