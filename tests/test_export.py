@@ -248,6 +248,61 @@ def test_nms_export_equals_jax_detections(tiny_model, tmp_path, fmt,
       assert figures['matched'] == figures['compared'], figures
 
 
+def _tflite_ops(path):
+  tf = pytest.importorskip('tensorflow')
+  interpreter = tf.lite.Interpreter(model_path=path)
+  return {op['op_name'] for op in interpreter._get_ops_details()}  # pylint: disable=protected-access
+
+
+def test_tflite_nms_is_the_detection_op(tiny_model, tmp_path):
+  """Batch 2: two TFLite_Detection_PostProcess ops, no loop, zero padding."""
+  model, config = tiny_model
+  path = str(tmp_path / 'ssd_b2.tflite')
+  images = export.sample_images(config, 2, seed=3)
+  summary = export.export(model, config, 'tflite', path, batch_size=2,
+                          verify_images=images)
+  assert 'agree with JAX on 2 images' in summary
+  ops = _tflite_ops(path)
+  assert 'TFLite_Detection_PostProcess' in ops
+  assert 'WHILE' not in ops  # no NMS loop left
+  boxes, scores, classes, counts = export.load_runner('tflite', path)(images)
+  assert boxes.shape == (2, config.test.max_per_image, 4)
+  assert counts.shape == (2,)
+  for i, n in enumerate(counts.astype(int)):
+    assert 0 < n < config.test.max_per_image
+    assert classes[i, :n].min() >= 1
+    assert classes[i, :n].max() <= config.model.num_classes - 1
+    assert not boxes[i, n:].any() and not scores[i, n:].any()
+    assert not classes[i, n:].any()
+    assert (np.diff(scores[i, :n]) <= 0).all()
+
+
+def test_onnx_nms_is_non_max_suppression(tiny_model, tmp_path):
+  """ONNX NonMaxSuppression, no Loop; any batch; zero padding."""
+  onnx = pytest.importorskip('onnx')
+  model, config = tiny_model
+  path = str(tmp_path / 'ssd.onnx')
+  # Verified in test_nms_export_equals_jax_detections.
+  export.export(model, config, 'onnx', path, verify_images=False)
+  ops = {node.op_type for node in onnx.load(path).graph.node}
+  assert {'NonMaxSuppression', 'TopK', 'ScatterND'} <= ops
+  assert 'Loop' not in ops
+  run = export.load_runner('onnx', path)
+  images = export.sample_images(config, 2, seed=3)
+  boxes, scores, classes, counts = run(images)
+  assert boxes.shape == (2, config.test.max_per_image, 4)
+  for i, n in enumerate(counts.astype(int)):
+    assert 0 < n < config.test.max_per_image
+    assert 1 <= classes[i, :n].min()
+    assert classes[i, :n].max() <= config.model.num_classes - 1
+    assert not boxes[i, n:].any() and not scores[i, n:].any()
+    assert not classes[i, n:].any()
+    assert (np.diff(scores[i, :n]) <= 0).all()
+  single = run(images[1:])
+  for ours, batched in zip(single, (boxes, scores, classes, counts)):
+    np.testing.assert_allclose(ours[0], batched[1], atol=1e-5)
+
+
 def _voc_tiny_inputs():
   ref = np.load(os.path.join(FIXTURES, 'voc_tiny_dets.npz'))
   images = np.stack([inference.resize_for_model(inference.load_image(

@@ -86,6 +86,29 @@ def _top_k(values, k, by_sort):
   return -negated[..., :k], indices[..., :k]
 
 
+def keep_top_candidates(class_scores, k):
+  """Scores below each row's k-th best set to 0: `detect`'s candidates.
+
+  For NMS ops without a per-class candidate cut (TFLite's detection op,
+  ONNX NonMaxSuppression): with scores above the threshold they keep the
+  k best priors of each class (and equal ones), as `detect` does.
+
+  Args:
+    class_scores: float32 [..., P], one row per class.
+    k: the candidates per row; >= P leaves the scores as they are.
+
+  Returns:
+    float32 [..., P].
+  """
+  if k >= class_scores.shape[-1]:
+    return class_scores
+  # The k-th best score is gathered by its index: TF 2.21's TFLite converter
+  # turns a top-k whose indices go unused into a sort it cannot write.
+  _, best = jax.lax.top_k(class_scores, k)
+  kth = jnp.take_along_axis(class_scores, best[..., -1:], axis=-1)
+  return jnp.where(class_scores >= kth, class_scores, 0.0)
+
+
 def detect(cls_logits, bbox_pred, priors, config, *, confidence_threshold=None,
            exact_ties=True, top_k_by_sort=False):
   """Detections of a batch, on the device.

@@ -19,7 +19,9 @@ The exported function (`serving_function`), NMS inside (the default):
 N = test.max_per_image; the TF Object Detection API's convention. The
 post-processing is `core.detect.detect` (the reference's thresholds, per-class
 top-k, greedy NMS, top-N) with `exact_ties=False` (equal scores ordered by
-class, then prior: a plain top-k instead of a three-key sort).
+class, then prior: a plain top-k instead of a three-key sort). TFLite runs
+the same rule in TFLite's TFLite_Detection_PostProcess op (`tflite_nms`),
+ONNX in NonMaxSuppression (`onnx_nms`).
 
 With `raw=True` (`--raw_outputs`) the graph stops before thresholding:
   images  float32 [B, S, S, 3] RGB 0..255 -> boxes float32 [B, P, 4] (every
@@ -38,21 +40,30 @@ Formats:
   saved_model  jax2tf (the StableHLO inside an XlaCallModule op; parameters as
                tf.Variables); signature 'serving_default'. Loads with
                TF >= 2.15 on CPU or GPU.
-  onnx         jax2onnx (opset 18); the NMS loop becomes an ONNX Loop, top-k
-               TopK.
+  onnx         jax2onnx (opset 18) converts the network, the softmax, the
+               decoding and the per-class candidate cut; the NMS is ONNX's
+               NonMaxSuppression (per image and class), then GatherND,
+               ScatterND and TopK to the best N, appended with onnx.helper
+               (`onnx_nms`: the same rule as core.detect); any batch.
   tflite       tf.lite.TFLiteConverter.experimental_from_jax (jax2tf's
-               XlaCallModule is no TFLite op); the loop becomes a WHILE
-               subgraph; a 'serving_default' signature is added.
+               XlaCallModule is no TFLite op) converts the network, the
+               softmax and the per-class candidate cut only; the NMS is
+               TFLite's own custom op TFLite_Detection_PostProcess
+               (regular, per-class NMS; in the builtin op resolver of
+               TensorFlow's interpreter), appended to the flatbuffer with
+               the ops that shift its classes to label ids, one op per image
+               of the fixed batch (`tflite_nms`: the same rule as
+               core.detect). A 'serving_default' signature is added.
                quantize='float16' stores the weights as float16.
-               quantize='int8': the float file is quantized afterwards by
-               ai-edge-quantizer: the ops of INT8_OPS inside the network
-               (named NETWORK_SCOPE while tracing) get static int8 weights
-               (per channel) and activations (per tensor), calibrated on
-               real images (`calibration_images`: --calibration_dir or the
-               config's first training set); the post-processing stays
+               quantize='int8': the network's file is quantized by
+               ai-edge-quantizer before the op is appended: the ops of
+               INT8_OPS inside the network (named NETWORK_SCOPE while
+               tracing) get static int8 weights (per channel) and
+               activations (per tensor), calibrated on real images
+               (`calibration_images`: --calibration_dir or the config's
+               first training set); the softmax, the cut and the op stay
                float in the same file (the TFLite converter's own int8
-               path crashes on the NMS loop and top-k; see
-               docs/deployment.md).
+               path crashes; see docs/deployment.md).
 
 Every export runs the written artifact with its runtime on sample images and
 compares its detections with the JAX model's (`verify`) before returning;
@@ -75,6 +86,8 @@ import numpy as np
 from ssd_jax.core import box_ops
 from ssd_jax.core import detect as detect_lib
 from ssd_jax.core import priors as priors_lib
+from ssd_jax.deploy import onnx_nms
+from ssd_jax.deploy import tflite_nms
 from ssd_jax.runtime import kernels
 from ssd_jax.runtime import predict as predict_lib
 from ssd_jax.runtime import variables as variables_lib
@@ -153,17 +166,12 @@ def serving_function(model, config, raw=False, for_tf=False):
     traceable, and `variables`, the model's arrays (the ModelVariables) to
     pass to it.
   """
-  model_def, variables = variables_lib.model_variables(model)
+  network, variables = _network(model, config)
   priors = np.asarray(priors_lib.generate_priors(config), np.float32)
-  forward = predict_lib.pixels_to_outputs(model_def, config)
   size = config.input.image_size
 
   def fn(variables, images):
-    # The scope names the network's ops in converted graphs (int8 TFLite
-    # quantizes those only).
-    with kernels.step_kernels(cpu_kernels=False).scope(), jax.named_scope(
-        NETWORK_SCOPE):  # plain XLA
-      cls_logits, bbox_pred = forward(variables, images)
+    cls_logits, bbox_pred = network(variables, images)
     if raw:
       scores = jax.nn.softmax(cls_logits, axis=-1)
       boxes = box_ops.center_to_corner(box_ops.decode(
@@ -180,6 +188,25 @@ def serving_function(model, config, raw=False, for_tf=False):
             detections.num_detections.astype(jnp.float32))
 
   return fn, variables
+
+
+def _network(model, config):
+  """(fn(variables, images) -> (cls_logits, bbox_pred), variables).
+
+  images: [B, S, S, 3] RGB pixel values (any dtype; the mean subtraction
+  is inside); cls_logits [B, P, C], bbox_pred [B, P, 4] (dx, dy, dw, dh).
+  Traced with plain XLA convolutions, its ops named NETWORK_SCOPE (int8
+  TFLite quantizes those only).
+  """
+  model_def, variables = variables_lib.model_variables(model)
+  forward = predict_lib.pixels_to_outputs(model_def, config)
+
+  def network(variables, images):
+    with kernels.step_kernels(cpu_kernels=False).scope(), jax.named_scope(
+        NETWORK_SCOPE):  # plain XLA
+      return forward(variables, images)
+
+  return network, variables
 
 
 def _image_shape(config, batch_size):
@@ -235,6 +262,10 @@ def to_tflite(model, config, batch_size=1, quantize='none', raw=False,
               calibration_images=None):
   """The TFLite flatbuffer (bytes): input 'images', outputs in order.
 
+  With NMS: the converted network's per-image box encodings and scores
+  (`tflite_nms.pre_nms_function`), then TFLite_Detection_PostProcess
+  (`tflite_nms.append_post_process`).
+
   The file has one signature, 'serving_default', naming the input and the
   outputs (`interpreter.get_signature_runner()`).
 
@@ -243,7 +274,8 @@ def to_tflite(model, config, batch_size=1, quantize='none', raw=False,
     batch_size: the file's fixed batch size (None: 1).
     quantize: one of QUANTIZATIONS; 'int8' quantizes the network (INT8_OPS)
       after conversion with ai-edge-quantizer, calibrated on
-      `calibration_images`, and leaves the post-processing float.
+      `calibration_images`, and leaves the post-processing float (the
+      detection op is appended after quantization).
     raw: the graph without NMS (module docstring); not with 'int8'.
     calibration_images: int8 only: uint8 [N, S, S, 3] real images
       (`calibration_images()`), N >= batch_size.
@@ -255,17 +287,28 @@ def to_tflite(model, config, batch_size=1, quantize='none', raw=False,
   if quantize == 'int8' and raw:
     raise ValueError('--quantize=int8 exports the graph with NMS only, not '
                      '--raw_outputs')
-  fn, variables = serving_function(model, config, raw)
   batch_size = batch_size or 1
+  if raw:
+    fn, variables = serving_function(model, config, raw)
+    names = RAW_OUTPUT_NAMES
+  else:  # the network; TFLite's detection op is appended below
+    network, variables = _network(model, config)
+    fn = tflite_nms.pre_nms_function(network, config, batch_size)
+    names = [f'{name}_{i}' for i in range(batch_size)
+             for name in ('box_encodings', 'class_scores')]
   example = np.zeros(_image_shape(config, batch_size), input_dtype(raw))
   converter = tf.lite.TFLiteConverter.experimental_from_jax(
       [lambda images: fn(variables, images)], [[('images', example)]])
   if quantize == 'float16':
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_types = [tf.float16]
-  blob = _with_signature(converter.convert(), output_names(raw))
+  blob = _with_signature(converter.convert(), names)
   if quantize == 'int8':
     blob = _quantize_network_int8(blob, calibration_images, batch_size)
+  if not raw:
+    blob = _with_signature(
+        tflite_nms.append_post_process(blob, config, batch_size),
+        OUTPUT_NAMES)
   return blob
 
 
@@ -295,7 +338,8 @@ def _quantize_network_int8(blob, images, batch_size):
   """Static int8 quantization of the network's ops of a float flatbuffer.
 
   Args:
-    blob: the float TFLite file of `to_tflite` (with its signature).
+    blob: the float TFLite file of `to_tflite`'s network, before the
+      detection op (with its signature).
     images: uint8 [N, S, S, 3] calibration images.
     batch_size: the file's batch size; the images are fed in batches of it.
 
@@ -316,8 +360,8 @@ def _quantize_network_int8(blob, images, batch_size):
     network_quantizer.add_static_config(
         NETWORK_SCOPE, op, activation_num_bits=8, weight_num_bits=8)
   # The profiler-based calibration records min/max inside the interpreter
-  # (the default mode reads every tensor back, which fails on the tensors of
-  # the NMS loop).
+  # (the default mode reads every tensor back; it failed on the tensors of
+  # the NMS WHILE loop the file had before the detection op replaced it).
   ranges = network_quantizer.calibrate(
       {'serving_default': batches}, num_threads=len(os.sched_getaffinity(0)),
       mode=calibrator.CalibrationMode.CALIBRATION_PROFILER_BASED)
@@ -464,7 +508,14 @@ def to_onnx(model, config, batch_size=None, opset=ONNX_OPSET, raw=False):
   """An onnx.ModelProto: input 'images', outputs `output_names(raw)`."""
   import jax2onnx  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
-  fn, variables = serving_function(model, config, raw)
+  priors = np.asarray(priors_lib.generate_priors(config), np.float32)
+  if raw:
+    fn, variables = serving_function(model, config, raw)
+    names = list(RAW_OUTPUT_NAMES)
+  else:  # the network; ONNX's NonMaxSuppression is appended below
+    network, variables = _network(model, config)
+    fn = onnx_nms.pre_nms_function(network, config, priors)
+    names = [onnx_nms.BOXES, onnx_nms.SCORES]
   shape = _image_shape(config, batch_size)
   if batch_size is None:
     shape = ('batch',) + shape[1:]
@@ -472,8 +523,11 @@ def to_onnx(model, config, batch_size=None, opset=ONNX_OPSET, raw=False):
       lambda images: fn(variables, images),
       [jax.ShapeDtypeStruct(shape, input_dtype(raw))],
       model_name='ssd_jax', opset=opset, input_names=['images'],
-      output_names=list(output_names(raw)))
+      output_names=names)
   onnx_model = _nhwc_max_pools_to_2d(onnx_model)
+  if not raw:
+    onnx_model = onnx_nms.append_detections(onnx_model, config, len(priors),
+                                            OUTPUT_NAMES)
   onnx.checker.check_model(onnx_model)
   return onnx_model
 
