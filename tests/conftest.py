@@ -27,6 +27,17 @@ if (os.environ.get('SSD_JAX_TEST_CACHE', '1') != '0'
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.1)
 
 
+# The suite compiles hundreds of small programs and runs each a few times:
+# LLVM's optimisation of the generated CPU code costs more than it saves
+# here. (It changes no numbers: the HLO passes are the same and XLA:CPU
+# compiles without fast-math either way.) SSD_JAX_TEST_FAST_COMPILE=0 keeps
+# the default.
+if (os.environ.get('SSD_JAX_TEST_FAST_COMPILE', '1') != '0' and
+    'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '')):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_backend_optimization_level=0').strip()
+
+
 def pytest_unconfigure(config):
   del config
   if _CREATED_CACHE and 'PYTEST_XDIST_WORKER' not in os.environ:
