@@ -121,6 +121,15 @@ def detector_times(workdir, image):
   return loaded, detected
 
 
+def _cpu_model():
+  try:
+    with open('/proc/cpuinfo') as f:
+      return next(line.split(':', 1)[1].strip() for line in f
+                  if line.startswith('model name'))
+  except (OSError, StopIteration):
+    return platform.processor() or 'unknown CPU'
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--rounds', type=int, default=2)
@@ -140,7 +149,7 @@ def main():
   os.makedirs(images_dir)
   for image in images:
     shutil.copy(image, images_dir)
-  print(f'{platform.node()}, {os.cpu_count()} CPUs, {platform.processor()}, '
+  print(f'{platform.node()}, {os.cpu_count()} CPUs, {_cpu_model()}, '
         f'load average {os.getloadavg()[0]:.2f}')
   times = {'eager': [], 'jit': []}
   for _ in range(args.rounds):  # alternating: both see the same machine
