@@ -158,3 +158,30 @@ def test_a_full_disk_at_the_preemption_save_keeps_the_older_checkpoint(
   assert checkpointer.all_steps() == [4]
   assert checkpointer.damage(4) is None
   checkpointer.close()
+
+
+def test_an_evaluation_the_preempted_run_missed_runs_on_resume(tmp_path,
+                                                               monkeypatch):
+  config = tiny_shapes_config(tmp_path / 'shapes')
+  config.solver.max_iter = 12
+  config.save_step = 6
+  config.eval_step = 6
+  workdir = tmp_path / 'run'
+  original = trainer.save_checkpoint
+
+  def save_and_signal(checkpointer, config, state, step, logger):
+    original(checkpointer, config, state, step, logger)
+    if step == 6:  # preempted at an evaluation step, before its evaluation
+      signal.raise_signal(signal.SIGTERM)
+
+  monkeypatch.setattr(trainer, 'save_checkpoint', save_and_signal)
+  with pytest.raises(preemption.Preempted):
+    trainer.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  assert not os.path.exists(workdir / 'eval' / 'voc_2007_test_6.json')
+  trainer.train_and_evaluate(config, str(workdir))
+  log = (workdir / 'log.txt').read_text().split('Running with config:')[2]
+  assert log.index('Evaluating iteration 6') < log.index(
+      'Start training from iteration 6')
+  assert sorted(os.listdir(workdir / 'eval')) == [
+      'voc_2007_test_12.json', 'voc_2007_test_6.json']

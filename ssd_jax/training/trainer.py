@@ -90,6 +90,10 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   progress = Progress(config, logger, writer, checkpointer,
                       train_iter.stats.counts)
   max_iter = config.solver.max_iter
+  if missed_evaluation(config, workdir, start_step):
+    logger.info('Evaluating iteration %d, whose evaluation the stopped run '
+                'did not reach', start_step)
+    evaluator(state.variables, start_step)
   logger.info('Start training from iteration %d', start_step)
   step = start_step
   try:
@@ -119,6 +123,18 @@ def train_and_evaluate(config, workdir, allow_config_change=False):
   checkpointer.close()
   writer.close()
   return state
+
+
+def missed_evaluation(config, workdir, step):
+  """Whether resumed iteration `step` is a periodic evaluation step without
+  its evaluation JSONs (a run preempted or killed between its checkpoint
+  and its evaluation). The same answer on every host (a shared workdir)."""
+  if (config.eval_step <= 0 or step <= 0 or step % config.eval_step or
+      step >= config.solver.max_iter):
+    return False
+  return not all(os.path.exists(os.path.join(workdir, 'eval',
+                                             f'{name}_{step}.json'))
+                 for name in config.data.test)
 
 
 def close_after_error(checkpointer, logger):
