@@ -599,6 +599,14 @@ def reference_outputs(model, config, images, raw=False):
           np.asarray(detections.num_detections, np.float32))
 
 
+def _valid_detections(outputs, i):
+  """(boxes [n, 4], scores [n], classes [n]) of image i's n = num_detections
+  entries of exported-convention `outputs`."""
+  boxes, scores, classes, count = outputs
+  n = int(count[i])
+  return boxes[i, :n], scores[i, :n], classes[i, :n]
+
+
 def _match_detections(ours, theirs, min_score, min_iou, score_atol):
   """(matched, compared) of `theirs`' detections above min_score.
 
@@ -634,17 +642,14 @@ def compare_detections(outputs, expected, min_iou=VERIFY_IOU,
       detection_classes, num_detections) of the same images.
 
   Returns:
-    dict: `compared` (detections above VERIFY_SCORE, both directions),
-    `matched`, `max_score_diff` (over matched pairs, by position).
+    dict: `compared` (detections above VERIFY_SCORE, both directions) and
+    `matched`.
     Detections within VERIFY_SCORE_ATOL of a full list's last score are
     left out (which of two near-equal scores makes the cut is rounding).
   """
   matched = compared = 0
   for i in range(len(expected[0])):
-    per_image = []
-    for boxes, scores, classes, count in (outputs, expected):
-      n = int(count[i])
-      per_image.append((boxes[i, :n], scores[i, :n], classes[i, :n]))
+    per_image = [_valid_detections(outputs, i), _valid_detections(expected, i)]
     floor = VERIFY_SCORE
     for _, scores, _ in per_image:
       if len(scores) == len(expected[1][i]):  # full: a cut at the last one
@@ -672,12 +677,9 @@ def int8_agreement(outputs, expected, min_score=INT8_VERIFY_SCORE,
   """
   matched = compared = 0
   for i in range(len(expected[0])):
-    per_image = []
-    for boxes, scores, classes, count in (outputs, expected):
-      n = int(count[i])
-      per_image.append((boxes[i, :n], scores[i, :n], classes[i, :n]))
-    m, c = _match_detections(per_image[0], per_image[1], min_score, min_iou,
-                             score_atol=None)
+    m, c = _match_detections(_valid_detections(outputs, i),
+                             _valid_detections(expected, i), min_score,
+                             min_iou, score_atol=None)
     matched += m
     compared += c
   return matched, compared
