@@ -77,3 +77,28 @@ def uninterrupted_tiny_run(tiny_shapes_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('uninterrupted')
   trainer.train_and_evaluate(config, str(workdir))
   return config, workdir
+
+
+# The files that take longest run first: pytest-xdist (--dist loadfile) hands
+# files out in collection order, once its reordering by number of tests is
+# off (it sent the three-test multi-host file, the longest, out last), so a
+# long file collected late no longer keeps one worker busy after the other
+# has finished.
+_LONGEST_FIRST = ('test_multihost.py', 'test_trainer.py', 'test_preemption.py',
+                  'test_model_zoo.py', 'test_eval_cli.py',
+                  'test_cpu_kernels.py', 'test_memory.py',
+                  'test_efficientnet.py', 'test_coco_eval.py')
+
+
+def pytest_configure(config):
+  if hasattr(config.option, 'loadscopereorder'):  # pytest-xdist >= 3.6
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  def rank(item):
+    name = os.path.basename(str(item.fspath))
+    return (_LONGEST_FIRST.index(name) if name in _LONGEST_FIRST
+            else len(_LONGEST_FIRST))
+  items.sort(key=rank)  # stable: the order within a file is kept
