@@ -355,7 +355,7 @@ def geometry(u, boxes, mask, height, width):
   }
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def geometry_batch(u, boxes, mask, sizes):
   """`geometry` for a batch in one XLA call (a per-example call costs more).
 
@@ -461,7 +461,7 @@ def _taps(out_size, crop_size, window_start, window_size, flip):
 def _render_fn(image_size, dtype):
   """The XLA-compiled pixel path for one output size and dtype (`render`)."""
 
-  @tf.function(jit_compile=True, input_signature=[
+  @tf.function(jit_compile=True, autograph=False, input_signature=[
       tf.TensorSpec([None, 3], tf.uint8),  # window pixels, row-major, padded
       tf.TensorSpec([2], tf.int32),  # window (h, w)
       tf.TensorSpec([2], tf.int32),  # crop (h, w)

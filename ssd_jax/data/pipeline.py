@@ -49,6 +49,11 @@ from ssd_jax.data import coco
 from ssd_jax.data import records
 from ssd_jax.data import sources
 
+# The graph functions below have no Python control flow on tensors (their
+# loops and branches are over Python values), so AutoGraph's rewriting of
+# their source, about 3 s per train iterator, is skipped.
+_no_autograph = tf.autograph.experimental.do_not_convert
+
 
 class DataStats:
   """Counts of skipped examples and fixed annotations of one iterator.
@@ -243,7 +248,7 @@ def _render_group(group, render, filler, num_parallel_calls):
   """
   size = tf.shape(group['example'], out_type=tf.int64)[0]
   rendered = tf.data.Dataset.from_tensor_slices(group).map(
-      render, num_parallel_calls=num_parallel_calls,
+      _no_autograph(render), num_parallel_calls=num_parallel_calls,
       deterministic=True).ignore_errors()
   fillers = tf.data.Dataset.from_tensors(filler).repeat(size)
   return rendered.concatenate(fillers).take(size)
@@ -367,14 +372,14 @@ class TrainIterator:
                         seed=self._seed, global_batch=self._global_batch,
                         host_offset=self._host_offset, batch=b)
     ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
-    ds = ds.map(graph.step_inputs)
-    ds = ds.map(graph.step_geometry, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    ds = ds.map(_no_autograph(graph.step_inputs))
+    ds = ds.map(_no_autograph(graph.step_geometry),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Every step yields exactly b examples (block_length), so the output
     # order does not depend on how many steps tf.data renders at once.
-    ds = ds.interleave(graph.step_images, cycle_length=tf.data.AUTOTUNE,
-                       block_length=b, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=True)
+    ds = ds.interleave(_no_autograph(graph.step_images),
+                       cycle_length=tf.data.AUTOTUNE, block_length=b,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
     ds = ds.prefetch(config.data.prefetch or tf.data.AUTOTUNE)
     options = tf.data.Options()
@@ -579,8 +584,8 @@ class EvalIterable:
     ds = tf.data.Dataset.from_tensor_slices(self._examples).batch(self._batch)
     # Every batch yields its own number of images (block_length), so the
     # batches below are the ones above.
-    ds = ds.interleave(batch_images, cycle_length=tf.data.AUTOTUNE,
-                       block_length=self._batch,
+    ds = ds.interleave(_no_autograph(batch_images),
+                       cycle_length=tf.data.AUTOTUNE, block_length=self._batch,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(self._batch).prefetch(tf.data.AUTOTUNE)
 
