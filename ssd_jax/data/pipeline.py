@@ -51,7 +51,8 @@ from ssd_jax.data import sources
 
 # The graph functions below have no Python control flow on tensors (their
 # loops and branches are over Python values), so AutoGraph's rewriting of
-# their source, about 3 s per train iterator, is skipped.
+# their source, about 2 s per train iterator (measured 2.7 s -> 0.9 s), is
+# skipped.
 _no_autograph = tf.autograph.experimental.do_not_convert
 
 
